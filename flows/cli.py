@@ -1,0 +1,230 @@
+"""`prefloop`: run the DAG, run one stage, list runs, start the local Prefect server.
+
+    prefloop run [--run demo] [--config FILE] [--set stage.key=value …]
+    prefloop stage ingest --run demo [--round K] [--force]
+    prefloop runs
+    prefloop server [--stop | --status]
+
+`--help` stays fast: Prefect, torch and Ray are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from data_contracts import ROUND_STAGES, STAGES, RunLayout, check_run_name, read_marker, server_state_dir
+
+
+def _runs_root(args: argparse.Namespace) -> Path:
+    return Path(args.runs_root or os.environ.get("PREFLOOP_RUNS", "runs")).absolute()
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", default="demo", help="run name: a folder under the runs root (default: demo)")
+    p.add_argument("--config", type=Path, help="whole-run YAML config (sections: run, ingest, …)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="override one config value, e.g. --set ingest.source=/data/clips (repeatable)",
+    )
+    p.add_argument("--force", action="store_true", help="recompute even if the stage's cache key is unchanged")
+
+
+@contextmanager
+def run_lock(layout: RunLayout) -> Iterator[None]:
+    """One writer per run directory: a second `prefloop` on the same run is refused."""
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(layout.lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise SystemExit(
+                f"run `{layout.run}` is in use by another prefloop process ({f.read().strip() or 'unknown pid'}); "
+                "wait for it to finish or use another --run name"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare(args: argparse.Namespace):
+    from flows.config import ConfigError, resolve_config, save_config
+
+    runs_root = _runs_root(args)
+    check_run_name(args.run)
+    saved = runs_root / args.run / "config.yaml"
+    try:
+        cfg = resolve_config(saved, args.config, args.overrides)
+    except ConfigError as err:
+        raise SystemExit(f"prefloop: {err}") from None
+    layout = cfg.layout(runs_root, args.run)
+    return cfg, layout, save_config
+
+
+def _connect_prefect(runs_root: Path) -> "object":
+    """Point this process at a real Prefect server (never the ephemeral mode), starting one if needed."""
+    from infra.prefect_server import ensure_server, use_server
+
+    info, started = ensure_server(server_state_dir(runs_root))
+    use_server(info)
+    verb = "started" if started else "using"
+    print(f"prefloop: {verb} Prefect server {info.ui_url} (stop it with `prefloop server --stop`)", flush=True)
+    return info
+
+
+def _flow_run_url(info: object, state: object) -> str:
+    return f"{info.ui_url}/runs/flow-run/{state.state_details.flow_run_id}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg, layout, save_config = _prepare(args)
+    with run_lock(layout):
+        save_config(cfg, layout.config_path)
+        info = _connect_prefect(layout.runs_root)
+        from flows.pipeline import iterative_alignment
+
+        state = iterative_alignment(
+            layout.run, str(layout.runs_root), cfg.model_dump(mode="json"), force=args.force, return_state=True
+        )
+        print(f"prefloop: flow run in the Prefect UI: {_flow_run_url(info, state)}")
+        if not state.is_completed():
+            print(f"prefloop: run `{layout.run}` ended {state.name}: {state.message}", file=sys.stderr)
+            return 1
+    _print_run(layout.runs_root, layout.run)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    cfg, layout, save_config = _prepare(args)
+    if args.name in ROUND_STAGES and args.round is None:
+        raise SystemExit(f"prefloop: stage `{args.name}` runs per round: add --round K")
+    with run_lock(layout):
+        save_config(cfg, layout.config_path)
+        info = _connect_prefect(layout.runs_root)
+        from flows.stages import STAGE_FLOWS
+
+        if args.name not in STAGE_FLOWS:
+            raise SystemExit(f"prefloop: stage `{args.name}` is not built yet; built stages: {', '.join(STAGE_FLOWS)}")
+        kwargs = {"round": args.round} if args.name in ROUND_STAGES else {}
+        state = STAGE_FLOWS[args.name](
+            layout.run, str(layout.runs_root), cfg.model_dump(mode="json"), force=args.force, return_state=True, **kwargs
+        )
+        print(f"prefloop: flow run in the Prefect UI: {_flow_run_url(info, state)}")
+        if not state.is_completed():
+            print(f"prefloop: stage `{args.name}` ended {state.name}: {state.message}", file=sys.stderr)
+            return 1
+    _print_run(layout.runs_root, layout.run)
+    return 0
+
+
+def _stage_dirs(run_dir: Path) -> list[tuple[str, Path]]:
+    found = [(s, run_dir / s) for s in STAGES if s not in ROUND_STAGES]
+    for round_dir in sorted(run_dir.glob("round-*")):
+        found += [(f"{round_dir.name}/{s}", round_dir / s) for s in ROUND_STAGES]
+    return [(label, p) for label, p in found if p.exists()]
+
+
+def _print_run(runs_root: Path, run: str) -> None:
+    run_dir = runs_root / run
+    print(f"run {run}  ({run_dir})")
+    stages = _stage_dirs(run_dir)
+    if not stages:
+        print("  (no stages yet)")
+    for label, path in stages:
+        marker = read_marker(RunLayout(runs_root, run).stage(*_split(label))) or {}
+        status = marker.get("status", "incomplete")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(marker["finished_at"])) if "finished_at" in marker else "-"
+        counts = marker.get("counts", {})
+        shown = ", ".join(f"{k}={v}" for k, v in list(counts.items())[:6])
+        print(f"  {label:<22} {status:<10} {when:<16} {marker.get('seconds', '-')!s:>8}s  {shown}")
+
+
+def _split(label: str) -> tuple[str, int | None]:
+    if "/" in label:
+        round_part, stage = label.split("/")
+        return stage, int(round_part.split("-")[1])
+    return label, None
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs_root = _runs_root(args)
+    runs = sorted(p.name for p in runs_root.iterdir() if p.is_dir() and not p.name.startswith(".")) if runs_root.exists() else []
+    if not runs:
+        print(f"no runs under {runs_root} (start one with `prefloop run --run NAME`)")
+        return 0
+    for run in runs:
+        _print_run(runs_root, run)
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from infra.prefect_server import find_server, start_server, stop_server
+
+    state_dir = server_state_dir(_runs_root(args))
+    if args.stop:
+        print("prefloop: server stopped" if stop_server(state_dir) else "prefloop: no server was running")
+        return 0
+    info = find_server(state_dir)
+    if args.status:
+        print(json.dumps(info.__dict__, default=str) if info else "prefloop: no server running")
+        return 0 if info else 1
+    if info is None:
+        info = start_server(state_dir, host=args.host, port=args.port)
+        print(f"prefloop: started Prefect server (pid {info.pid})")
+    print(f"Prefect UI:  {info.ui_url}")
+    print(f"Prefect API: {info.api_url}")
+    print(f"other prefloop commands find it through {state_dir / 'server.json'}; stop it with `prefloop server --stop`")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefloop", description="Preference alignment of text-to-video models.")
+    parser.add_argument("--runs-root", help="folder holding the runs (default: ./runs, or $PREFLOOP_RUNS)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the whole DAG (iterative_alignment flow)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stage", help="run (or rerun) one stage of a run as its own flow")
+    p.add_argument("name", choices=STAGES, help="the stage")
+    p.add_argument("--round", type=int, help="the round, for per-round stages")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("runs", help="list runs and the status of their stages")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("server", help="start the local Prefect server (UI included) on a free port")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, help="port (default: a free one)")
+    p.add_argument("--stop", action="store_true", help="stop the server prefloop started")
+    p.add_argument("--status", action="store_true", help="print the running server's address")
+    p.set_defaults(func=cmd_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Each stage as its own Prefect flow: a flow run per stage in the UI, deployable and rerunnable.
+
+A stage flow runs one Prefect task whose cache key is the data contract's cache key (input
+manifest hashes + config hash), so Prefect shows a stage that is up to date as `Cached`. The
+files stay the source of truth: when the stage's marker and manifest are not on disk the task
+refreshes its cache and runs, so deleting a stage folder reruns it even if Prefect remembers it.
+Tasks take and return manifest references (paths and hashes), never data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from data_contracts import ManifestRef, RunLayout, StageDir, completed_ref
+from flows.config import RunConfig
+from tasks import ingest
+from tasks.common import StageConfig, execute_stage, stage_lineage
+
+
+def _contract_key(context: Any, parameters: Mapping[str, Any]) -> str:
+    return f"prefloop-{parameters['stage_label'].replace('/', '-')}-{parameters['cache_key']}"
+
+
+@task(cache_key_fn=_contract_key, persist_result=True)
+def stage_task(
+    stage_label: str,
+    cache_key: str,
+    run_fn: Callable,
+    layout: RunLayout,
+    out: StageDir,
+    cfg: StageConfig,
+    inputs: Mapping[str, ManifestRef],
+    force: bool,
+) -> dict[str, Any]:
+    outcome = execute_stage(run_fn, layout, out, cfg, inputs, force=force)
+    return {
+        "manifest": outcome.manifest.__dict__,
+        "cache_key": outcome.cache_key,
+        "skipped": outcome.skipped,
+        "counts": dict(outcome.counts),
+        "metrics": dict(outcome.metrics),
+        "seconds": outcome.seconds,
+    }
+
+
+def run_stage(
+    run_fn: Callable,
+    cfg: StageConfig,
+    layout: RunLayout,
+    out: StageDir,
+    inputs: Mapping[str, ManifestRef],
+    retries: int,
+    force: bool = False,
+) -> ManifestRef:
+    """Run (or skip) one stage through its Prefect task, then publish its counts."""
+    logger = get_run_logger()
+    key = stage_lineage(out.stage, inputs, cfg).cache_key
+    on_disk = None if force else completed_ref(out, key)
+    result = stage_task.with_options(
+        name=out.label, retries=retries, retry_delay_seconds=2, refresh_cache=on_disk is None
+    )(out.label, key, run_fn, layout, out, cfg, inputs, force)
+    ref = ManifestRef(**result["manifest"])
+    state = "up to date (skipped)" if on_disk is not None or result["skipped"] else f"ran in {result['seconds']:.1f}s"
+    logger.info("%s %s; cache key %s; manifest %s", out.label, state, key, ref.path)
+    table = [{"count": k, "value": v} for k, v in result["counts"].items()]
+    table += [{"count": k, "value": round(v, 4)} for k, v in result["metrics"].items()]
+    create_table_artifact(
+        key=f"{layout.run}-{out.label}".lower().replace("/", "-").replace("_", "-").replace(".", "-"),
+        table=table,
+        description=f"**{out.label}** of run `{layout.run}`: {state}; cache key `{key}`; manifest `{ref.path}`",
+    )
+    return ref
+
+
+def _layout(run: str, runs_root: str, config: Mapping[str, Any]) -> tuple[RunConfig, RunLayout]:
+    cfg = RunConfig.model_validate(config)
+    return cfg, cfg.layout(Path(runs_root), run)
+
+
+@flow(name="ingest", flow_run_name="{run}/ingest")
+def ingest_flow(run: str, runs_root: str, config: dict[str, Any], force: bool = False) -> dict[str, str]:
+    """Videos in (synthetic world, folder or listing) → `videos` manifest."""
+    cfg, layout = _layout(run, runs_root, config)
+    ref = run_stage(ingest.run, cfg.ingest, layout, layout.stage("ingest"), {}, cfg.run.task_retries, force)
+    return ref.__dict__
+
+
+STAGE_FLOWS = {"ingest": ingest_flow}

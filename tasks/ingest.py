@@ -1,0 +1,322 @@
+"""`ingest`: videos in, a `videos` manifest out.
+
+Three sources, one output contract:
+- `synthetic` — the embedded physics world (models/physics_world.py): clips rendered with known
+  ground truth, implausible variants and web-video defects at exact, recorded rates;
+- a folder of videos with same-name `.txt` captions;
+- a CSV / Parquet / JSONL listing with a configurable column mapping (WebVid/OpenVid style);
+  relative paths resolve against the listing's folder.
+
+Every video is probed with OpenCV (frames actually decoded, fps, size, duration). Videos that are
+unreadable, empty, truncated or without caption stay in the manifest with a `reason`: nothing is
+dropped. The world's ground truth goes to `world/truth.parquet`, which only the judge's
+calibration and `evaluate` read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.json
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from data_contracts import ContractError, inside_roots, Lineage, ManifestRef, RunLayout, StageDir, write_manifest
+from tasks.common import StageConfig, StageResult
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+LISTING_SUFFIXES = (".csv", ".parquet", ".jsonl", ".json")
+
+
+# --- 1. config -------------------------------------------------------------------------------
+
+
+class WorldConfig(BaseModel):
+    """Size and mix of the embedded physics world (only read when `source: synthetic`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_clips: int = Field(2000, ge=1, description="clips to render; enough for bootstrap and select on 2 cores")
+    size: int = Field(16, ge=16, le=64, description="frame side in px; 16 keeps the tiny policy trainable on 2 cores")
+    frames: int = Field(8, ge=4, le=32, description="frames per clip (too_short clips get fewer)")
+    fps: float = Field(8.0, gt=0, description="frame rate written into the mp4 files")
+    seed: int = Field(0, description="the world is deterministic for a seed")
+    implausible_rate: float = Field(
+        0.4, ge=0, le=1, description="share of clips with a physics violation, split evenly over the violation types"
+    )
+    defect_rates: dict[str, float] = Field(
+        default_factory=lambda: {
+            "static": 0.04,
+            "scene_cut": 0.04,
+            "flicker": 0.04,
+            "blur": 0.04,
+            "caption_mismatch": 0.04,
+            "too_short": 0.03,
+            "corrupt": 0.02,
+        },
+        description="share of clips with each web-video defect (at most one defect per clip)",
+    )
+
+    @field_validator("defect_rates")
+    @classmethod
+    def _known_defects(cls, rates: dict[str, float]) -> dict[str, float]:
+        from models.physics_world import DEFECTS
+
+        unknown = sorted(set(rates) - set(DEFECTS))
+        if unknown:
+            raise ValueError(f"unknown defect {unknown[0]!r}; defects: {', '.join(DEFECTS)}")
+        if any(r < 0 for r in rates.values()) or sum(rates.values()) > 1:
+            raise ValueError("defect rates must be ≥ 0 and sum to at most 1")
+        return rates
+
+
+class IngestConfig(StageConfig):
+    source: str = Field(
+        "synthetic",
+        description="`synthetic` (the embedded physics world), a folder of videos with same-name .txt captions, "
+        "or a CSV/Parquet/JSONL listing",
+    )
+    path_column: str = Field("path", description="listing column with the video path (WebVid: `contentUrl`, OpenVid: `video`)")
+    caption_column: str = Field("caption", description="listing column with the caption (WebVid: `name`)")
+    id_column: str | None = Field(None, description="listing column with a video id; default: the path")
+    heldout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of distinct captions held out as evaluation prompts (split by caption)"
+    )
+    workers: int = Field(2, ge=1, description="threads rendering/probing videos (OpenCV releases the GIL)")
+    world: WorldConfig = Field(default_factory=WorldConfig, description="the embedded world, for `source: synthetic`")
+
+    @model_validator(mode="after")
+    def _source_exists(self) -> "IngestConfig":
+        if self.source != "synthetic" and not Path(self.source).exists():
+            raise ValueError(
+                f"ingest.source `{self.source}` does not exist; give a folder of videos, a listing file, or `synthetic`"
+            )
+        return self
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source == "synthetic"
+
+    def data_root(self) -> Path | None:
+        """The folder outside the run that this source's videos live in (a data root)."""
+        if self.is_synthetic:
+            return None
+        src = Path(self.source).absolute()
+        return src if src.is_dir() else src.parent
+
+
+# --- 2. pure core ----------------------------------------------------------------------------
+
+
+def exact_assignment(n: int, rates: Mapping[str, float], rng: np.random.Generator) -> list[str | None]:
+    """Give round(rate·n) of n items each label (the rest None), in a seeded random order.
+
+    Exact counts, not Bernoulli draws, so that the recorded rates are the realised ones.
+    """
+    labels: list[str | None] = []
+    for name, rate in sorted(rates.items()):
+        labels += [name] * int(round(rate * n))
+    if len(labels) > n:
+        raise ValueError(f"rates {dict(rates)} ask for {len(labels)} of {n} items; lower them")
+    labels += [None] * (n - len(labels))
+    order = rng.permutation(n)
+    return [labels[i] for i in order]
+
+
+def split_of(caption: str | None, heldout_fraction: float) -> str:
+    """Held-out by caption hash: a held-out prompt never appears in training under any video."""
+    if caption is None or heldout_fraction <= 0:
+        return "train"
+    h = int.from_bytes(hashlib.sha256(caption.strip().lower().encode()).digest()[:8], "big") / 2**64
+    return "heldout" if h < heldout_fraction else "train"
+
+
+def clean_caption(text: Any) -> str | None:
+    if text is None:
+        return None
+    text = str(text).strip()
+    return text or None
+
+
+def video_row(
+    video_id: str, file: Path, stored_path: str, caption: str | None, source: str, probe: Any, heldout_fraction: float
+) -> dict[str, Any]:
+    """One `videos` row from a probe; the first problem becomes the row's reason."""
+    reason = probe.reason if not probe.readable else ("missing_caption" if caption is None else None)
+    return {
+        "video_id": video_id,
+        "video_path": stored_path,
+        "caption": caption,
+        "source": source,
+        "split": split_of(caption, heldout_fraction),
+        "reason": reason,
+        "file_bytes": file.stat().st_size if file.is_file() else None,
+        "fps": probe.fps,
+        "num_frames": probe.num_frames,
+        "width": probe.width,
+        "height": probe.height,
+        "duration_s": probe.duration_s,
+    }
+
+
+# --- 3. the edge: reading sources, writing files ---------------------------------------------
+
+
+def _read_listing(path: Path) -> pa.Table:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pyarrow.csv.read_csv(path)
+        if suffix == ".parquet":
+            return pq.read_table(path)
+        return pyarrow.json.read_json(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ContractError(path, f"cannot read the listing ({err})", "give a CSV, Parquet or JSONL file") from None
+
+
+def listing_entries(cfg: IngestConfig) -> list[tuple[str, Path, str | None]]:
+    """(video id, file, caption) from a listing, with paths resolved against its folder."""
+    path = Path(cfg.source)
+    table = _read_listing(path)
+    for key, column in (("path_column", cfg.path_column), ("caption_column", cfg.caption_column), ("id_column", cfg.id_column)):
+        if column is not None and column not in table.column_names:
+            raise ContractError(
+                path,
+                f"no column `{column}` in the listing (columns: {', '.join(table.column_names)})",
+                f"add the column, or map yours with `--set ingest.{key}=NAME`",
+                column=column,
+            )
+    paths = table.column(cfg.path_column).to_pylist()
+    captions = table.column(cfg.caption_column).to_pylist()
+    ids = table.column(cfg.id_column).to_pylist() if cfg.id_column else [None] * len(paths)
+    entries = []
+    for row, (p, caption, vid) in enumerate(zip(paths, captions, ids)):
+        if p is None or str(p).strip() == "":
+            raise ContractError(path, "empty video path", "give every row a path or remove the row", cfg.path_column, row)
+        file = Path(str(p))
+        file = file if file.is_absolute() else path.parent / file
+        entries.append((str(vid) if vid is not None else str(p), file, clean_caption(caption)))
+    return entries
+
+
+def folder_entries(cfg: IngestConfig) -> list[tuple[str, Path, str | None]]:
+    """(video id, file, caption) for every video file under a folder; the caption is the
+    same-name `.txt` beside it."""
+    root = Path(cfg.source)
+    entries = []
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS):
+        txt = file.with_suffix(".txt")
+        caption = clean_caption(txt.read_text(errors="replace")) if txt.is_file() else None
+        entries.append((file.relative_to(root).with_suffix("").as_posix(), file, caption))
+    return entries
+
+
+def _probe_all(files: list[Path], workers: int) -> list[Any]:
+    from tasks.video_io import probe_video
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(probe_video, files))
+
+
+def ingest_files(cfg: IngestConfig, layout: RunLayout) -> list[dict[str, Any]]:
+    entries = listing_entries(cfg) if Path(cfg.source).is_file() else folder_entries(cfg)
+    source = "listing" if Path(cfg.source).is_file() else "folder"
+    seen: Counter[str] = Counter()
+    rows = []
+    probes = _probe_all([f for _, f, _ in entries], cfg.workers)
+    for (vid, file, caption), probe in zip(entries, probes):
+        seen[vid] += 1
+        if seen[vid] > 1:  # a listing naming one video twice keeps both rows, told apart
+            vid = f"{vid}#{seen[vid]}"
+        row = video_row(vid, file, layout.stored_path(file), caption, source, probe, cfg.heldout_fraction)
+        if not inside_roots(file, layout.data_roots):
+            row["reason"] = "outside_data_roots"
+        rows.append(row)
+    return rows
+
+
+def synthesize_world(cfg: IngestConfig, layout: RunLayout, out: StageDir) -> tuple[list[dict], list[dict]]:
+    """Render the world's clips to mp4; returns (`videos` rows, `world_truth` rows)."""
+    from models import physics_world as world
+    from tasks.video_io import probe_video, write_video
+
+    w = cfg.world
+    spec = world.WorldSpec(size=w.size, frames=w.frames, fps=w.fps)
+    rng = np.random.default_rng(w.seed)
+    defects = exact_assignment(w.num_clips, w.defect_rates, rng)
+    per_violation = w.implausible_rate / len(world.VIOLATIONS)
+    violations = exact_assignment(w.num_clips, {v: per_violation for v in world.VIOLATIONS}, rng)
+    videos_dir = out.files("videos")
+    videos_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(i: int) -> tuple[dict, dict]:
+        clip_rng = np.random.default_rng([w.seed, i])  # per-clip streams: order and threads do not matter
+        clip = world.make_clip(clip_rng, spec, violations[i], defects[i])
+        file = videos_dir / f"w{i:06d}.mp4"
+        if clip.frames is None:
+            file.write_bytes(world.corrupt_bytes(clip_rng))
+        else:
+            write_video(file, clip.frames, w.fps)
+        vid = f"w{i:06d}"
+        row = video_row(vid, file, layout.stored_path(file), clip.caption, "synthetic", probe_video(file), cfg.heldout_fraction)
+        truth = {"video_id": vid, **{k: clip.truth[k] for k in _TRUTH_KEYS}}
+        truth["scene_json"] = json.dumps(clip.truth.get("scene", {}), sort_keys=True, default=_jsonable)
+        return row, truth
+
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
+        pairs = list(pool.map(one, range(w.num_clips)))
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+_TRUTH_KEYS = (
+    "motion",
+    "colours",
+    "direction",
+    "num_balls",
+    "bounces",
+    "violation",
+    "violation_frame",
+    "defect",
+    "plausible",
+    "caption_matches",
+)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def summarize(rows: list[dict[str, Any]], truth: list[dict[str, Any]] | None) -> dict[str, int]:
+    counts: dict[str, int] = {"videos": len(rows), "usable": sum(r["reason"] is None for r in rows)}
+    counts["heldout"] = sum(r["split"] == "heldout" for r in rows)
+    for reason, n in sorted(Counter(r["reason"] for r in rows if r["reason"]).items()):
+        counts[f"reason:{reason}"] = n
+    if truth:
+        counts["implausible"] = sum(not t["plausible"] for t in truth)
+        for defect, n in sorted(Counter(t["defect"] for t in truth if t["defect"] != "none").items()):
+            counts[f"defect:{defect}"] = n
+    return counts
+
+
+def run(inputs: Mapping[str, ManifestRef], cfg: IngestConfig, layout: RunLayout, out: StageDir, lineage: Lineage) -> StageResult:
+    """Ingest `cfg.source` into `out`; see the module docstring."""
+    truth = None
+    if cfg.is_synthetic:
+        rows, truth = synthesize_world(cfg, layout, out)
+        write_manifest(truth, "world_truth", layout.truth_path, layout, lineage)
+    else:
+        rows = ingest_files(cfg, layout)
+    ref = write_manifest(rows, "videos", out.manifest_path, layout, lineage)
+    return StageResult(ref, counts=summarize(rows, truth))
