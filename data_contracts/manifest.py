@@ -167,6 +167,8 @@ def _check_paths(table: pa.Table, c: Contract, path: Path, layout: RunLayout) ->
             if "\x00" in stored or stored.strip() == "":
                 raise ContractError(path, f"invalid path {stored!r}", "store a plain file path", name, row)
             target = layout.resolve(stored)
+            if rule.outside_reason is not None and excuse == rule.outside_reason:
+                continue
             if not inside_roots(target, layout.data_roots):
                 roots = ", ".join(f"`{r}`" for r in layout.data_roots)
                 raise ContractError(

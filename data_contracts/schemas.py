@@ -44,6 +44,9 @@ class PathRule:
     """
 
     required_unless: str | None = None
+    # A row whose `reason` says its path is outside the data roots records that path without it
+    # ever being opened; every other row must stay inside the roots.
+    outside_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ VIDEOS = Contract(
         ]
     ),
     allowed={"reason": VIDEO_REASONS, "split": SPLITS},
-    paths={"video_path": PathRule(required_unless="reason")},
+    paths={"video_path": PathRule(required_unless="reason", outside_reason="outside_data_roots")},
     hints={"caption": "give every video a caption, or keep it with `reason` = `missing_caption`"},
 )
 

@@ -152,7 +152,9 @@ def _print_run(runs_root: Path, run: str) -> None:
         status = marker.get("status", "incomplete")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(marker["finished_at"])) if "finished_at" in marker else "-"
         counts = marker.get("counts", {})
-        shown = ", ".join(f"{k}={v}" for k, v in list(counts.items())[:6])
+        # plain counts (videos, usable, …) before the per-reason breakdowns ("reason:…")
+        ordered = sorted(counts.items(), key=lambda kv: (":" in kv[0], kv[0] != "videos", kv[0]))
+        shown = ", ".join(f"{k}={v}" for k, v in ordered[:8])
         print(f"  {label:<22} {status:<10} {when:<16} {marker.get('seconds', '-')!s:>8}s  {shown}")
 
 

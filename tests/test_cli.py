@@ -1,0 +1,83 @@
+"""The `prefloop` command as a user runs it, against a real Prefect server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_contracts import RunLayout, read_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prefloop(*args: str, runs_root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flows.cli", "--runs-root", str(runs_root), *args]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def test_help_is_fast_and_imports_no_framework():
+    code = "import flows.cli, sys; print(sorted(m for m in ('torch','prefect','ray','cv2') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_unknown_set_key_is_one_clear_error(tmp_path):
+    out = prefloop("stage", "ingest", "--run", "x", "--set", "ingest.sorce=/data", runs_root=tmp_path, check=False)
+    assert out.returncode != 0
+    assert "unknown key `ingest.sorce`" in out.stderr and "source" in out.stderr
+
+
+def _flow_runs(api_url: str) -> list:
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_flow_runs()
+
+    return asyncio.run(go())
+
+
+def test_stage_ingest_through_prefect_then_rerun_is_skipped(tmp_path, prefect_server):
+    runs = tmp_path / "runs"
+    out = prefloop("stage", "ingest", "--run", "demo", "--set", "ingest.world.num_clips=40", runs_root=runs)
+    assert prefect_server.ui_url in out.stdout and "/runs/flow-run/" in out.stdout
+    layout = RunLayout(runs, "demo")
+    m = read_manifest(layout.stage("ingest").manifest_path, "videos", layout)
+    assert len(m) == 40
+    assert (layout.run_dir / "config.yaml").read_text().count("num_clips: 40") == 1
+
+    again = prefloop("stage", "ingest", "--run", "demo", runs_root=runs)
+    assert "ingest" in again.stdout and "complete" in again.stdout
+    listing = prefloop("runs", runs_root=runs)
+    assert "demo" in listing.stdout and "ingest" in listing.stdout and "videos=40" in listing.stdout
+
+    names = {r.name: r for r in _flow_runs(prefect_server.api_url)}
+    assert names["demo/ingest"].state.is_completed()
+
+
+def test_folder_with_bad_files_exits_zero(tmp_path, prefect_server, messy_folder):
+    out = prefloop("stage", "ingest", "--run", "messy", "--set", f"ingest.source={messy_folder}", runs_root=tmp_path)
+    assert out.returncode == 0
+    assert "reason:empty_file=1" in out.stdout or "usable=1" in out.stdout
+
+
+@pytest.fixture()
+def messy_folder(tmp_path):
+    from tests.test_ingest import _frames
+    from tasks.video_io import write_video
+
+    root = tmp_path / "clips"
+    root.mkdir()
+    write_video(root / "good.mp4", _frames(), 8)
+    (root / "good.txt").write_text("a red ball falls")
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "notes.mp4").write_text("not a video")
+    return root
