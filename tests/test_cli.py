@@ -81,3 +81,42 @@ def messy_folder(tmp_path):
     (root / "empty.mp4").write_bytes(b"")
     (root / "notes.mp4").write_text("not a video")
     return root
+
+
+def _artifacts() -> list:
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    return asyncio.run(go())
+
+
+def test_run_is_a_flow_with_a_subflow_per_stage_and_a_counts_table(tmp_path, prefect_server):
+    prefloop("run", "--run", "whole", "--set", "ingest.world.num_clips=24", runs_root=tmp_path)
+    runs = {r.name: r for r in _flow_runs(prefect_server.api_url)}
+    parent, child = runs["whole"], runs["whole/ingest"]
+    assert parent.state.is_completed() and child.state.is_completed()
+    assert child.parent_task_run_id is not None  # a subflow of the whole-DAG flow run
+    tables = [a for a in _artifacts() if a.key == "whole-ingest"]
+    assert tables and tables[0].type == "table"
+    assert "videos" in str(tables[0].data) and "24" in str(tables[0].data)
+
+
+def test_run_without_a_configured_server_starts_its_own(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
+    cmd = [sys.executable, "-m", "flows.cli", "--runs-root", str(tmp_path)]
+    try:
+        out = subprocess.run(
+            [*cmd, "run", "--run", "own", "--set", "ingest.world.num_clips=12"],
+            cwd=REPO, capture_output=True, text=True, env=env, timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "started Prefect server http://127.0.0.1:" in out.stdout and "/runs/flow-run/" in out.stdout
+        status = subprocess.run([*cmd, "server", "--status"], cwd=REPO, capture_output=True, text=True, env=env)
+        assert status.returncode == 0 and "api_url" in status.stdout
+    finally:
+        subprocess.run([*cmd, "server", "--stop"], cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+    status = subprocess.run([*cmd, "server", "--status"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert status.returncode == 1
