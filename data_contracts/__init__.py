@@ -4,7 +4,15 @@ Pure data code: importing it must never pull in torch, Prefect or Ray.
 """
 
 from data_contracts.errors import ContractError
-from data_contracts.layout import ROUND_STAGES, STAGES, RunLayout, StageDir, check_run_name, inside_roots, server_state_dir
+from data_contracts.layout import (
+    ROUND_STAGES,
+    STAGES,
+    RunLayout,
+    StageDir,
+    check_run_name,
+    inside_roots,
+    server_state_dir,
+)
 from data_contracts.lineage import Lineage, cache_key, code_version, config_hash, table_hash
 from data_contracts.manifest import (
     Manifest,

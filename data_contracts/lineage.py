@@ -15,10 +15,11 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -42,7 +43,7 @@ def table_hash(table: pa.Table) -> str:
     """
     digest = hashlib.sha256()
     table = table.replace_schema_metadata(None).combine_chunks()
-    for name, column in zip(table.column_names, table.columns):
+    for name, column in zip(table.column_names, table.columns, strict=False):
         digest.update(name.encode())
         sink = io.BytesIO()
         batch = pa.record_batch([column.combine_chunks()], names=[name])
@@ -101,7 +102,7 @@ class Lineage:
         return canonical_json({**asdict(self), "inputs": dict(self.inputs), "cache_key": self.cache_key})
 
     @classmethod
-    def from_json(cls, text: str) -> "Lineage":
+    def from_json(cls, text: str) -> Lineage:
         data = json.loads(text)
         data.pop("cache_key", None)
         return cls(**data)

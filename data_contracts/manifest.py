@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -161,7 +162,7 @@ def _check_paths(table: pa.Table, c: Contract, path: Path, layout: RunLayout) ->
     for name, rule in c.paths.items():
         values = table.column(name).to_pylist()
         excuses = table.column(rule.required_unless).to_pylist() if rule.required_unless else [None] * len(values)
-        for row, (stored, excuse) in enumerate(zip(values, excuses)):
+        for row, (stored, excuse) in enumerate(zip(values, excuses, strict=False)):
             if stored is None:
                 continue
             if "\x00" in stored or stored.strip() == "":

@@ -11,9 +11,9 @@ Column names use the field's vocabulary (`prompt`, `video_path`, `caption`, `vid
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 import pyarrow as pa
 

@@ -16,11 +16,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from data_contracts import ROUND_STAGES, STAGES, RunLayout, check_run_name, read_marker, server_state_dir
+from data_contracts import ROUND_STAGES, STAGES, RunLayout, StageDir, check_run_name, read_marker, server_state_dir
 
 
 def _runs_root(args: argparse.Namespace) -> Path:
@@ -78,7 +78,7 @@ def _prepare(args: argparse.Namespace):
     return cfg, layout, save_config
 
 
-def _connect_prefect(runs_root: Path) -> "object":
+def _connect_prefect(runs_root: Path) -> object:
     """Point this process at a real Prefect server (never the ephemeral mode), starting one if needed."""
     from infra.prefect_server import ensure_server, use_server
 
@@ -134,35 +134,29 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage_dirs(run_dir: Path) -> list[tuple[str, Path]]:
-    found = [(s, run_dir / s) for s in STAGES if s not in ROUND_STAGES]
-    for round_dir in sorted(run_dir.glob("round-*")):
-        found += [(f"{round_dir.name}/{s}", round_dir / s) for s in ROUND_STAGES]
-    return [(label, p) for label, p in found if p.exists()]
+def _stage_dirs(layout: RunLayout) -> list[StageDir]:
+    """The stage folders a run has so far, in DAG order."""
+    found = [layout.stage(s) for s in STAGES if s not in ROUND_STAGES]
+    for round_dir in sorted(layout.run_dir.glob("round-[0-9]*")):
+        found += [layout.stage(s, int(round_dir.name.split("-")[1])) for s in ROUND_STAGES]
+    return [d for d in found if d.path.exists()]
 
 
 def _print_run(runs_root: Path, run: str) -> None:
-    run_dir = runs_root / run
-    print(f"run {run}  ({run_dir})")
-    stages = _stage_dirs(run_dir)
+    layout = RunLayout(runs_root, run)
+    print(f"run {run}  ({layout.run_dir})")
+    stages = _stage_dirs(layout)
     if not stages:
         print("  (no stages yet)")
-    for label, path in stages:
-        marker = read_marker(RunLayout(runs_root, run).stage(*_split(label))) or {}
+    for stage_dir in stages:
+        marker = read_marker(stage_dir) or {}
         status = marker.get("status", "incomplete")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(marker["finished_at"])) if "finished_at" in marker else "-"
         counts = marker.get("counts", {})
         # plain counts (videos, usable, …) before the per-reason breakdowns ("reason:…")
         ordered = sorted(counts.items(), key=lambda kv: (":" in kv[0], kv[0] != "videos", kv[0]))
         shown = ", ".join(f"{k}={v}" for k, v in ordered[:8])
-        print(f"  {label:<22} {status:<10} {when:<16} {marker.get('seconds', '-')!s:>8}s  {shown}")
-
-
-def _split(label: str) -> tuple[str, int | None]:
-    if "/" in label:
-        round_part, stage = label.split("/")
-        return stage, int(round_part.split("-")[1])
-    return label, None
+        print(f"  {stage_dir.label:<22} {status:<10} {when:<16} {marker.get('seconds', '-')!s:>8}s  {shown}")
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

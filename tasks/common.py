@@ -9,8 +9,9 @@ No Prefect and no Ray here: the `@task` wrappers call `execute_stage`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 

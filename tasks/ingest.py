@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +30,7 @@ import pyarrow.json
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from data_contracts import ContractError, inside_roots, Lineage, ManifestRef, RunLayout, StageDir, write_manifest
+from data_contracts import ContractError, Lineage, ManifestRef, RunLayout, StageDir, inside_roots, write_manifest
 from tasks.common import StageConfig, StageResult
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -94,7 +95,7 @@ class IngestConfig(StageConfig):
     world: WorldConfig = Field(default_factory=WorldConfig, description="the embedded world, for `source: synthetic`")
 
     @model_validator(mode="after")
-    def _source_exists(self) -> "IngestConfig":
+    def _source_exists(self) -> IngestConfig:
         if self.source != "synthetic" and not Path(self.source).exists():
             raise ValueError(
                 f"ingest.source `{self.source}` does not exist; give a folder of videos, a listing file, or `synthetic`"
@@ -198,7 +199,7 @@ def listing_entries(cfg: IngestConfig) -> list[tuple[str, Path, str | None]]:
     captions = table.column(cfg.caption_column).to_pylist()
     ids = table.column(cfg.id_column).to_pylist() if cfg.id_column else [None] * len(paths)
     entries = []
-    for row, (p, caption, vid) in enumerate(zip(paths, captions, ids)):
+    for row, (p, caption, vid) in enumerate(zip(paths, captions, ids, strict=False)):
         if p is None or str(p).strip() == "":
             raise ContractError(path, "empty video path", "give every row a path or remove the row", cfg.path_column, row)
         file = Path(str(p))
@@ -232,7 +233,7 @@ def ingest_files(cfg: IngestConfig, layout: RunLayout) -> list[dict[str, Any]]:
     seen: Counter[str] = Counter()
     rows = []
     probes = _probe_all([f for _, f, _ in entries], cfg.workers)
-    for (vid, file, caption), probe in zip(entries, probes):
+    for (vid, file, caption), probe in zip(entries, probes, strict=False):
         seen[vid] += 1
         if seen[vid] > 1:  # a listing naming one video twice keeps both rows, told apart
             vid = f"{vid}#{seen[vid]}"

@@ -71,8 +71,8 @@ def test_folder_with_bad_files_exits_zero(tmp_path, prefect_server, messy_folder
 
 @pytest.fixture()
 def messy_folder(tmp_path):
-    from tests.test_ingest import _frames
     from tasks.video_io import write_video
+    from tests.test_ingest import _frames
 
     root = tmp_path / "clips"
     root.mkdir()
