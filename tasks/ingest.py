@@ -89,7 +89,7 @@ class IngestConfig(StageConfig):
     caption_column: str = Field("caption", description="listing column with the caption (WebVid: `name`)")
     id_column: str | None = Field(None, description="listing column with a video id; default: the path")
     heldout_fraction: float = Field(
-        0.1, ge=0, lt=1, description="share of distinct captions held out as evaluation prompts (split by caption)"
+        0.1, ge=0, lt=1, description="share of distinct captions held out as evaluation prompts (split by caption, exact)"
     )
     workers: int = Field(2, ge=1, description="threads rendering/probing videos (OpenCV releases the GIL)")
     world: WorldConfig = Field(default_factory=WorldConfig, description="the embedded world, for `source: synthetic`")
@@ -132,12 +132,30 @@ def exact_assignment(n: int, rates: Mapping[str, float], rng: np.random.Generato
     return [labels[i] for i in order]
 
 
-def split_of(caption: str | None, heldout_fraction: float) -> str:
-    """Held-out by caption hash: a held-out prompt never appears in training under any video."""
-    if caption is None or heldout_fraction <= 0:
-        return "train"
-    h = int.from_bytes(hashlib.sha256(caption.strip().lower().encode()).digest()[:8], "big") / 2**64
-    return "heldout" if h < heldout_fraction else "train"
+def _caption_key(caption: str) -> str:
+    return " ".join(caption.lower().split())
+
+
+def heldout_captions(captions: list[str | None], fraction: float) -> set[str]:
+    """The distinct captions held out as evaluation prompts: the round(fraction·n) of the n
+    distinct (normalised) captions with the smallest hashes — at least one when fraction > 0.
+
+    Split by caption, not by video, so a held-out prompt never appears in training under any
+    video; exact counts, so a small caption vocabulary (the embedded world has ~60) still gets
+    its share.
+    """
+    distinct = sorted({_caption_key(c) for c in captions if c is not None})
+    if fraction <= 0 or len(distinct) < 2:
+        return set()
+    k = min(len(distinct) - 1, max(1, round(fraction * len(distinct))))
+    by_hash = sorted(distinct, key=lambda c: hashlib.sha256(c.encode()).hexdigest())
+    return set(by_hash[:k])
+
+
+def assign_splits(rows: list[dict[str, Any]], fraction: float) -> None:
+    held = heldout_captions([r["caption"] for r in rows], fraction)
+    for r in rows:
+        r["split"] = "heldout" if r["caption"] is not None and _caption_key(r["caption"]) in held else "train"
 
 
 def clean_caption(text: Any) -> str | None:
@@ -147,17 +165,16 @@ def clean_caption(text: Any) -> str | None:
     return text or None
 
 
-def video_row(
-    video_id: str, file: Path, stored_path: str, caption: str | None, source: str, probe: Any, heldout_fraction: float
-) -> dict[str, Any]:
-    """One `videos` row from a probe; the first problem becomes the row's reason."""
+def video_row(video_id: str, file: Path, stored_path: str, caption: str | None, source: str, probe: Any) -> dict[str, Any]:
+    """One `videos` row from a probe; the first problem becomes the row's reason. The split is
+    decided over all rows afterwards (`assign_splits`)."""
     reason = probe.reason if not probe.readable else ("missing_caption" if caption is None else None)
     return {
         "video_id": video_id,
         "video_path": stored_path,
         "caption": caption,
         "source": source,
-        "split": split_of(caption, heldout_fraction),
+        "split": "train",
         "reason": reason,
         "file_bytes": file.stat().st_size if file.is_file() else None,
         "fps": probe.fps,
@@ -237,7 +254,7 @@ def ingest_files(cfg: IngestConfig, layout: RunLayout) -> list[dict[str, Any]]:
         seen[vid] += 1
         if seen[vid] > 1:  # a listing naming one video twice keeps both rows, told apart
             vid = f"{vid}#{seen[vid]}"
-        row = video_row(vid, file, layout.stored_path(file), caption, source, probe, cfg.heldout_fraction)
+        row = video_row(vid, file, layout.stored_path(file), caption, source, probe)
         if not inside_roots(file, layout.data_roots):
             row["reason"] = "outside_data_roots"
         rows.append(row)
@@ -267,7 +284,7 @@ def synthesize_world(cfg: IngestConfig, layout: RunLayout, out: StageDir) -> tup
         else:
             write_video(file, clip.frames, w.fps)
         vid = f"w{i:06d}"
-        row = video_row(vid, file, layout.stored_path(file), clip.caption, "synthetic", probe_video(file), cfg.heldout_fraction)
+        row = video_row(vid, file, layout.stored_path(file), clip.caption, "synthetic", probe_video(file))
         truth = {"video_id": vid, **{k: clip.truth[k] for k in _TRUTH_KEYS}}
         truth["scene_json"] = json.dumps(clip.truth.get("scene", {}), sort_keys=True, default=_jsonable)
         return row, truth
@@ -319,5 +336,6 @@ def run(inputs: Mapping[str, ManifestRef], cfg: IngestConfig, layout: RunLayout,
         write_manifest(truth, "world_truth", layout.truth_path, layout, lineage)
     else:
         rows = ingest_files(cfg, layout)
+    assign_splits(rows, cfg.heldout_fraction)
     ref = write_manifest(rows, "videos", out.manifest_path, layout, lineage)
     return StageResult(ref, counts=summarize(rows, truth))

@@ -15,7 +15,7 @@ from data_contracts import ContractError, RunLayout, read_manifest
 from flows.config import RunConfig
 from tasks import ingest
 from tasks.common import execute_stage
-from tasks.ingest import IngestConfig, WorldConfig, exact_assignment, split_of
+from tasks.ingest import IngestConfig, WorldConfig, assign_splits, exact_assignment, heldout_captions
 from tasks.video_io import read_video, write_video
 
 
@@ -127,11 +127,17 @@ def test_exact_assignment_counts_are_exact_and_seeded():
         exact_assignment(10, {"a": 0.7, "b": 0.7}, rng)
 
 
-def test_split_is_by_caption():
-    assert split_of("A red ball falls ", 0.5) == split_of("a red ball falls", 0.5)
-    shares = Counter(split_of(f"caption {i}", 0.1) for i in range(2000))
-    assert 140 < shares["heldout"] < 260
-    assert split_of(None, 0.5) == "train"
+def test_heldout_split_is_an_exact_share_of_distinct_captions():
+    captions = [f"caption {i % 50}" for i in range(500)] + [None, "Caption  7 "]
+    held = heldout_captions(captions, 0.1)
+    assert len(held) == 5
+    assert held == heldout_captions(list(reversed(captions)), 0.1)  # order does not matter
+    rows = [{"caption": c} for c in captions]
+    assign_splits(rows, 0.1)
+    assert rows[-1]["split"] == rows[7]["split"]  # same caption up to case and spaces
+    assert rows[-2]["split"] == "train"  # no caption: never a prompt
+    assert sum(r["split"] == "heldout" for r in rows) in range(45, 52)
+    assert heldout_captions(["only one"], 0.5) == set() and heldout_captions(captions, 0.0) == set()
 
 
 def test_synthetic_world_counts_match_rates_and_clips_decode(tmp_path):
