@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from pydantic import ValidationError
 from prefect.artifacts import create_table_artifact
 
-from data_contracts import ManifestRef, RunLayout, StageDir, completed_ref
+from data_contracts import ContractError, ManifestRef, RunLayout, StageDir, completed_ref
 from flows.config import RunConfig
 from tasks import ingest
 from tasks.common import StageConfig, execute_stage, stage_lineage
@@ -26,7 +27,12 @@ def _contract_key(context: Any, parameters: Mapping[str, Any]) -> str:
     return f"prefloop-{parameters['stage_label'].replace('/', '-')}-{parameters['cache_key']}"
 
 
-@task(cache_key_fn=_contract_key, persist_result=True)
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Bad input fails the same way every time: retry crashes and transient errors only."""
+    return not isinstance(state.data, (ContractError, ValidationError))
+
+
+@task(cache_key_fn=_contract_key, persist_result=True, retry_condition_fn=_worth_retrying)
 def stage_task(
     stage_label: str,
     cache_key: str,

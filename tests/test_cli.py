@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from data_contracts import RunLayout, read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,24 +61,28 @@ def test_stage_ingest_through_prefect_then_rerun_is_skipped(tmp_path, prefect_se
     assert names["demo/ingest"].state.is_completed()
 
 
-def test_folder_with_bad_files_exits_zero(tmp_path, prefect_server, messy_folder):
-    out = prefloop("stage", "ingest", "--run", "messy", "--set", f"ingest.source={messy_folder}", runs_root=tmp_path)
+def test_folder_with_bad_files_exits_zero_and_keeps_them(tmp_path, prefect_server, messy_folder):
+    runs = tmp_path / "runs"
+    out = prefloop("stage", "ingest", "--run", "messy", "--set", f"ingest.source={messy_folder}", runs_root=runs)
     assert out.returncode == 0
-    assert "reason:empty_file=1" in out.stdout or "usable=1" in out.stdout
+    layout = RunLayout(runs, "messy", extra_roots=(messy_folder,))
+    rows = read_manifest(layout.stage("ingest").manifest_path, "videos", layout).rows()
+    reasons = {r["video_id"]: r["reason"] for r in rows}
+    assert reasons["good"] is None and reasons["empty"] == "empty_file" and reasons["notes"] == "not_a_video"
+    assert reasons["sub/nocaption"] == "missing_caption" and reasons["truncated"] is not None
 
 
-@pytest.fixture()
-def messy_folder(tmp_path):
-    from tasks.video_io import write_video
-    from tests.test_ingest import _frames
-
-    root = tmp_path / "clips"
-    root.mkdir()
-    write_video(root / "good.mp4", _frames(), 8)
-    (root / "good.txt").write_text("a red ball falls")
-    (root / "empty.mp4").write_bytes(b"")
-    (root / "notes.mp4").write_text("not a video")
-    return root
+def test_listing_without_caption_column_is_one_clear_error(tmp_path, prefect_server):
+    data = tmp_path / "data"
+    data.mkdir()
+    listing = data / "list.csv"
+    listing.write_text("path,title\na.mp4,a red ball falls\n")
+    runs = tmp_path / "runs"
+    out = prefloop("stage", "ingest", "--run", "bad", "--set", f"ingest.source={listing}", runs_root=runs, check=False)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert str(listing) in last and "column `caption`" in last and "ingest.caption_column" in last
+    assert "Retrying" not in out.stdout + out.stderr  # bad input is not retried
 
 
 def _artifacts() -> list:

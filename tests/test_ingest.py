@@ -17,41 +17,13 @@ from tasks import ingest
 from tasks.common import execute_stage
 from tasks.ingest import IngestConfig, WorldConfig, assign_splits, exact_assignment, heldout_captions
 from tasks.video_io import read_video, write_video
-
-
-def _frames(n=8, size=32, seed=0):
-    rng = np.random.default_rng(seed)
-    frames = np.zeros((n, size, size, 3), np.uint8)
-    for i in range(n):
-        frames[i, 8:16, 4 + i : 12 + i] = rng.integers(100, 255, 3)
-    return frames
+from tests.conftest import small_frames
 
 
 def _ingest(tmp_path, cfg: IngestConfig, run="r"):
     layout = RunConfig(ingest=cfg).layout(tmp_path / "runs", run)
     outcome = execute_stage(ingest.run, layout, layout.stage("ingest"), cfg, {})
     return layout, outcome, read_manifest(outcome.manifest.path, "videos", layout)
-
-
-@pytest.fixture()
-def messy_folder(tmp_path):
-    """A good clip, a truncated mp4, a zero-byte file, a text file named .mp4, a clip without caption."""
-    root = tmp_path / "clips"
-    (root / "sub").mkdir(parents=True)
-    write_video(root / "good.mp4", _frames(), 8)
-    (root / "good.txt").write_text("a red ball falls\n")
-    write_video(root / "sub" / "nocaption.mp4", _frames(seed=1), 8)
-    full = root / "full.mp4"
-    write_video(full, _frames(n=24, seed=2), 8)
-    data = full.read_bytes()
-    (root / "truncated.mp4").write_bytes(data[: len(data) * 6 // 10])
-    full.unlink()
-    (root / "truncated.txt").write_text("a blue ball rolls to the left")
-    (root / "empty.mp4").write_bytes(b"")
-    (root / "empty.txt").write_text("a green ball falls")
-    (root / "notes.mp4").write_text("these are my notes, not a video\n")
-    (root / "notes.txt").write_text("a yellow ball falls")
-    return root
 
 
 def test_folder_keeps_every_bad_file_with_its_reason(tmp_path, messy_folder):
@@ -70,8 +42,8 @@ def test_folder_keeps_every_bad_file_with_its_reason(tmp_path, messy_folder):
 
 
 def _listing_rows(root):
-    write_video(root / "a.mp4", _frames(), 8)
-    write_video(root / "b.mp4", _frames(seed=3), 8)
+    write_video(root / "a.mp4", small_frames(), 8)
+    write_video(root / "b.mp4", small_frames(seed=3), 8)
     return [{"video": "a.mp4", "text": "a red ball falls"}, {"video": "b.mp4", "text": ""}]
 
 
@@ -97,7 +69,7 @@ def test_listing_with_column_mapping_and_relative_paths(tmp_path, fmt):
 def test_listing_without_caption_column_fails_naming_file_and_column(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
-    write_video(root / "a.mp4", _frames(), 8)
+    write_video(root / "a.mp4", small_frames(), 8)
     listing = root / "list.csv"
     listing.write_text("path,title\na.mp4,a red ball falls\n")
     with pytest.raises(ContractError) as err:
@@ -111,7 +83,7 @@ def test_listing_path_outside_data_roots_is_recorded_not_followed(tmp_path):
     root, other = tmp_path / "data", tmp_path / "other"
     root.mkdir()
     other.mkdir()
-    write_video(other / "x.mp4", _frames(), 8)
+    write_video(other / "x.mp4", small_frames(), 8)
     listing = root / "list.csv"
     listing.write_text(f"path,caption\n../other/x.mp4,a red ball falls\n{other / 'x.mp4'},a red ball falls\n")
     _, _, m = _ingest(tmp_path, IngestConfig(source=str(listing)))
