@@ -144,6 +144,7 @@ SELECTION = Contract(
             _f("score_quality", pa.float64(), nullable=True),
             _f("score_clip", pa.float64(), nullable=True),
             _f("score_physics", pa.float64(), nullable=True),
+            _f("score_caption", pa.float64(), nullable=True),
             _f("final_score", pa.float64(), nullable=True),
             _f("passed_json", pa.string()),
             _f("reason", pa.string(), nullable=True),

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_contracts import RunLayout
 from data_contracts.lineage import atomic_write_bytes
+from tasks.bootstrap import BootstrapConfig
 from tasks.ingest import IngestConfig
+from tasks.select import SelectConfig
 
 
 class RunSection(BaseModel):
@@ -30,6 +32,9 @@ class RunSection(BaseModel):
         (), description="folders outside the run that manifests may reference (the ingest source is added itself)"
     )
     task_retries: int = Field(1, ge=0, description="Prefect retries of a failed stage task")
+    ray_address: str | None = Field(
+        None, description="join this Ray cluster (host:port or ray://host:port); None starts a local Ray per stage"
+    )
 
 
 class RunConfig(BaseModel):
@@ -37,6 +42,8 @@ class RunConfig(BaseModel):
 
     run: RunSection = Field(default_factory=RunSection)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
 
     def layout(self, runs_root: Path, name: str) -> RunLayout:
         roots = [Path(p) for p in self.run.data_roots]

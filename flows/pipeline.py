@@ -2,7 +2,8 @@
 
     ingest ──► [bootstrap] ──► select ──► round k: generate ──► label ──► train_reward ──► finetune ──► evaluate
 
-Only the stages that exist so far are wired here; each is its own flow in flows/stages.py.
+Only the stages that exist so far are wired here (ingest → bootstrap → select); each is its own
+flow in flows/stages.py. `bootstrap` runs for the embedded world only.
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.stages import ingest_flow
+from flows.config import RunConfig
+from flows.stages import bootstrap_flow, ingest_flow, select_flow
 
 
 @flow(name="iterative_alignment", flow_run_name="{run}")
 def iterative_alignment(run: str, runs_root: str, config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
-    videos = ingest_flow(run, runs_root, config, force=force)
-    logger.info("run %s: videos manifest %s", run, videos["path"])
-    return {"videos": videos}
+    cfg = RunConfig.model_validate(config)
+    outputs: dict[str, Any] = {"videos": ingest_flow(run, runs_root, config, force=force)}
+    if cfg.ingest.is_synthetic:
+        outputs["checkpoints"] = bootstrap_flow(run, runs_root, config, force=force)
+    outputs["selection"] = select_flow(run, runs_root, config, force=force)
+    for name, ref in outputs.items():
+        logger.info("run %s: %s manifest %s", run, name, ref["path"])
+    return outputs

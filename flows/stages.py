@@ -9,17 +9,18 @@ Tasks take and return manifest references (paths and hashes), never data.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from pydantic import ValidationError
 from prefect.artifacts import create_table_artifact
+from pydantic import ValidationError
 
 from data_contracts import ContractError, ManifestRef, RunLayout, StageDir, completed_ref
 from flows.config import RunConfig
-from tasks import ingest
+from tasks import bootstrap, ingest, select
 from tasks.common import StageConfig, execute_stage, stage_lineage
 
 
@@ -96,4 +97,36 @@ def ingest_flow(run: str, runs_root: str, config: dict[str, Any], force: bool = 
     return ref.__dict__
 
 
-STAGE_FLOWS = {"ingest": ingest_flow}
+def _completed_input(layout: RunLayout, stage: str) -> ManifestRef:
+    """The output of an earlier stage of this run, which must be complete."""
+    from data_contracts import manifest_ref, read_marker
+
+    stage_dir = layout.stage(stage)
+    marker = read_marker(stage_dir)
+    if not marker or marker.get("status") != "complete" or not stage_dir.manifest_path.exists():
+        raise RuntimeError(f"run `{layout.run}` has no complete `{stage}` stage; run `prefloop stage {stage} --run {layout.run}` first")
+    return manifest_ref(stage_dir.manifest_path, marker["manifest"]["kind"])
+
+
+@flow(name="bootstrap", flow_run_name="{run}/bootstrap")
+def bootstrap_flow(run: str, runs_root: str, config: dict[str, Any], force: bool = False) -> dict[str, str]:
+    """Embedded world only: train the tiny open_clip model on the unselected clips → `checkpoints`."""
+    cfg, layout = _layout(run, runs_root, config)
+    inputs = {"videos": _completed_input(layout, "ingest")}
+    ref = run_stage(bootstrap.run, cfg.bootstrap, layout, layout.stage("bootstrap"), inputs, cfg.run.task_retries, force)
+    return ref.__dict__
+
+
+@flow(name="select", flow_run_name="{run}/select")
+def select_flow(run: str, runs_root: str, config: dict[str, Any], force: bool = False) -> dict[str, str]:
+    """`videos` (+ the world's CLIP checkpoint) → `selection`: scores, reasons, the good clips."""
+    cfg, layout = _layout(run, runs_root, config)
+    inputs = {"videos": _completed_input(layout, "ingest")}
+    if cfg.select.text.model == "world" and cfg.select.min_text_similarity is not None:
+        inputs["checkpoints"] = _completed_input(layout, "bootstrap")
+    run_fn = functools.partial(select.run, ray_address=cfg.run.ray_address)
+    ref = run_stage(run_fn, cfg.select, layout, layout.stage("select"), inputs, cfg.run.task_retries, force)
+    return ref.__dict__
+
+
+STAGE_FLOWS = {"ingest": ingest_flow, "bootstrap": bootstrap_flow, "select": select_flow}

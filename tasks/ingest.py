@@ -16,7 +16,6 @@ calibration and `evaluate` read.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -286,7 +285,7 @@ def synthesize_world(cfg: IngestConfig, layout: RunLayout, out: StageDir) -> tup
         vid = f"w{i:06d}"
         row = video_row(vid, file, layout.stored_path(file), clip.caption, "synthetic", probe_video(file))
         truth = {"video_id": vid, **{k: clip.truth[k] for k in _TRUTH_KEYS}}
-        truth["scene_json"] = json.dumps(clip.truth.get("scene", {}), sort_keys=True, default=_jsonable)
+        truth["scene_json"] = clip.truth["scene"]  # already JSON (Scene.to_json)
         return row, truth
 
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
@@ -306,14 +305,6 @@ _TRUTH_KEYS = (
     "plausible",
     "caption_matches",
 )
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
 
 
 def summarize(rows: list[dict[str, Any]], truth: list[dict[str, Any]] | None) -> dict[str, int]:

@@ -21,6 +21,10 @@ def prefloop(*args: str, runs_root: Path, check: bool = True) -> subprocess.Comp
     return out
 
 
+# A whole run in seconds: a small world, a CLIP trained for a few steps.
+TINY = ("--set", "ingest.world.num_clips=24", "--set", "bootstrap.clip.steps=3", "--set", "bootstrap.clip.batch_size=8")
+
+
 def test_help_is_fast_and_imports_no_framework():
     code = "import flows.cli, sys; print(sorted(m for m in ('torch','prefect','ray','cv2') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -96,22 +100,24 @@ def _artifacts() -> list:
 
 
 def test_run_is_a_flow_with_a_subflow_per_stage_and_a_counts_table(tmp_path, prefect_server):
-    prefloop("run", "--run", "whole", "--set", "ingest.world.num_clips=24", runs_root=tmp_path)
+    prefloop("run", "--run", "whole", *TINY, runs_root=tmp_path)
     runs = {r.name: r for r in _flow_runs(prefect_server.api_url)}
-    parent, child = runs["whole"], runs["whole/ingest"]
-    assert parent.state.is_completed() and child.state.is_completed()
-    assert child.parent_task_run_id is not None  # a subflow of the whole-DAG flow run
+    assert runs["whole"].state.is_completed()
+    for stage in ("ingest", "bootstrap", "select"):
+        child = runs[f"whole/{stage}"]
+        assert child.state.is_completed(), stage
+        assert child.parent_task_run_id is not None  # a subflow of the whole-DAG flow run
     tables = [a for a in _artifacts() if a.key == "whole-ingest"]
     assert tables and tables[0].type == "table"
     assert "videos" in str(tables[0].data) and "24" in str(tables[0].data)
 
 
-def test_run_without_a_configured_server_starts_its_own(tmp_path):
+def test_a_command_without_a_configured_server_starts_its_own(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
     cmd = [sys.executable, "-m", "flows.cli", "--runs-root", str(tmp_path)]
     try:
         out = subprocess.run(
-            [*cmd, "run", "--run", "own", "--set", "ingest.world.num_clips=12"],
+            [*cmd, "stage", "ingest", "--run", "own", "--set", "ingest.world.num_clips=12"],
             cwd=REPO, capture_output=True, text=True, env=env, timeout=300,
         )
         assert out.returncode == 0, out.stderr
