@@ -122,7 +122,7 @@ def select_flow(run: str, runs_root: str, config: dict[str, Any], force: bool = 
     """`videos` (+ the world's CLIP checkpoint) → `selection`: scores, reasons, the good clips."""
     cfg, layout = _layout(run, runs_root, config)
     inputs = {"videos": _completed_input(layout, "ingest")}
-    if cfg.select.text.model == "world" and cfg.select.min_text_similarity is not None:
+    if cfg.select.text.model == "world":
         inputs["checkpoints"] = _completed_input(layout, "bootstrap")
     run_fn = functools.partial(select.run, ray_address=cfg.run.ray_address)
     ref = run_stage(run_fn, cfg.select, layout, layout.stage("select"), inputs, cfg.run.task_retries, force)

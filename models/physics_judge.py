@@ -547,7 +547,3 @@ def _print_agreement() -> None:
             print(f"{size}px x {frames} frames, {'degraded' if look else 'clean   '}, {count} clips: "
                   f"plausibility {result['plausibility']:.3f}, caption {result['caption']:.3f}, "
                   f"{result['ms_per_clip']:.1f} ms/clip ({result['cpu_ms_per_clip']:.1f} ms CPU)  ({per})")
-
-
-if __name__ == "__main__":
-    _print_agreement()

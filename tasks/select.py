@@ -61,7 +61,8 @@ class TextSimilarity(BaseModel):
 
     model: str = Field(
         "world",
-        description="`world`: the tiny open_clip model that bootstrap trains; else an open_clip architecture (e.g. ViT-B-32)",
+        description="`world`: the tiny open_clip model that bootstrap trains; an open_clip architecture (e.g. ViT-B-32); "
+        "or `none` (no text similarity)",
     )
     pretrained: str | None = Field(None, description="open_clip pretrained tag or local path; required unless model is `world`")
     device: str = Field("auto", description="`auto` (CUDA when the actor has a GPU), `cpu` or `cuda`")
@@ -334,6 +335,9 @@ def _world_spec(layout: RunLayout) -> tuple[int, int, float] | None:
 
 
 def _clip_location(inputs: Mapping[str, ManifestRef], cfg: SelectConfig, layout: RunLayout) -> tuple[str | None, str | None]:
+    """(open_clip model name, weights) for text similarity, or (None, None) when it is off."""
+    if cfg.text.model == "none":
+        return None, None
     if cfg.text.model != "world":
         if not cfg.text.pretrained:
             raise ValueError(
@@ -341,10 +345,11 @@ def _clip_location(inputs: Mapping[str, ManifestRef], cfg: SelectConfig, layout:
                 "name open_clip pretrained weights (a tag or a local path)"
             )
         return cfg.text.model, cfg.text.pretrained
-    if cfg.min_text_similarity is None:
-        return None, None
     if "checkpoints" not in inputs:
-        raise ValueError("select.text.model `world` needs the bootstrap stage's checkpoints (run `bootstrap` first)")
+        raise ValueError(
+            "select.text.model `world` needs the bootstrap stage's checkpoints: run `bootstrap` first, "
+            "or name an open_clip model (select.text.model, select.text.pretrained), or set select.text.model=none"
+        )
     ckpts = read_manifest(inputs["checkpoints"].path, "checkpoints", layout)
     clip = [r for r in ckpts.rows() if r["kind"] == "clip"]
     if not clip:
