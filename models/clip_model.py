@@ -13,9 +13,11 @@ call a real run uses (`load_clip`): the loading code the tests exercise is the p
 
 A mean of frame embeddings forgets the order of the frames, and with it which way a ball rolls.
 The tiny model therefore sees a `storyboard`: the clip's frames tiled into one image in time
-order, so the image tower can read motion and direction from where each tile's ball sits. On
-held-out world clips the storyboard tells a clip's caption from the same caption with the
-direction flipped ~94 % of the time, the mean of frames ~50 % (chance); see the module tests.
+order, so the image tower can read motion and direction from where each tile's ball sits.
+Measured on 400 held-out world clips after the same training (2,000 clips, 400 steps): the
+storyboard prefers a clip's own caption to the one with the direction flipped 99.5 % of the
+time, the mean of frames 72 % (a thrown ball's arc gives its direction away, a rolling ball's
+does not); caption retrieval among the world's 60 captions, bounce counts aside, 99 % vs 75 %.
 """
 
 from __future__ import annotations
@@ -64,13 +66,26 @@ class VideoInput(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     mode: Literal["mean", "storyboard"] = Field(
-        "mean", description="`mean`: embed sampled frames one by one and average (pretrained image CLIPs); "
-        "`storyboard`: tile the frames into one image in time order (a model trained to read motion)")
-    frames: int = Field(8, ge=1, le=64, description="frames taken from a video: at most this many for `mean`, "
-                        "exactly rows x cols for `storyboard` (CLIP4Clip-style video scoring uses ~8-12)")
-    sample_fps: float | None = Field(2.0, gt=0, description="`mean`: take frames at this rate when the caller "
-                                     "gives the video's fps (at most `frames`, evenly spread); otherwise evenly spread")
-    grid: tuple[int, int] = Field((2, 4), description="`storyboard`: rows x cols of tiles, filled row by row in time order")
+        "mean",
+        description="`mean`: embed sampled frames one by one and average (pretrained image CLIPs); "
+        "`storyboard`: tile the frames into one image in time order (a model trained to read motion)",
+    )
+    frames: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="frames taken from a video: at most this many for `mean`, "
+        "exactly rows x cols for `storyboard` (CLIP4Clip-style video scoring uses ~8-12)",
+    )
+    sample_fps: float | None = Field(
+        2.0,
+        gt=0,
+        description="`mean`: take frames at this rate when the caller "
+        "gives the video's fps (at most `frames`, evenly spread); otherwise evenly spread",
+    )
+    grid: tuple[int, int] = Field(
+        (2, 4), description="`storyboard`: rows x cols of tiles, filled row by row in time order"
+    )
     batch_size: int = Field(64, ge=1, description="videos per forward pass at inference")
 
     @model_validator(mode="after")
@@ -79,8 +94,10 @@ class VideoInput(BaseModel):
         if rows < 1 or cols < 1:
             raise ValueError(f"VideoInput.grid must be positive rows x cols, got {self.grid}")
         if self.mode == "storyboard" and rows * cols != self.frames:
-            raise ValueError(f"VideoInput: a storyboard of grid {self.grid} holds {rows * cols} frames but "
-                             f"frames={self.frames}; set frames to rows x cols")
+            raise ValueError(
+                f"VideoInput: a storyboard of grid {self.grid} holds {rows * cols} frames but "
+                f"frames={self.frames}; set frames to rows x cols"
+            )
         return self
 
 
@@ -91,16 +108,22 @@ class TinyClipConfig(BaseModel):
 
     model_name: str = Field(MODEL_NAME, description="name the architecture is registered under in open_clip")
     frame_size: int = Field(16, ge=8, description="side of one frame in the image tower's input: the world's 16 px")
-    video: VideoInput = Field(VideoInput(mode="storyboard", frames=8, grid=(2, 4), sample_fps=None),
-                              description="storyboard: time order visible, so direction can be learned (measured)")
+    video: VideoInput = Field(
+        VideoInput(mode="storyboard", frames=8, grid=(2, 4), sample_fps=None),
+        description="storyboard: time order visible, so direction can be learned (measured)",
+    )
     embed_dim: int = Field(64, ge=8, description="shared embedding size; a few hundred captions need no more")
     width: int = Field(64, ge=16, description="transformer width of both towers")
     layers: int = Field(2, ge=1, description="transformer layers of each tower (the STYLE's tiny models)")
     head_width: int = Field(32, ge=8, description="channels per attention head (width / head_width heads)")
-    patch_size: int = Field(8, ge=1, description="8 px patches, 2 x 2 per 16 px frame: as good as 4 px held out, 3-6x faster")
-    context_length: int = Field(24, ge=8, description="tokens per caption; the world's longest caption has ~16")
-    steps: int = Field(400, ge=1, description="optimizer steps; the held-out metrics stop rising around here")
-    batch_size: int = Field(128, ge=2, description="clips per step; more in-batch negatives sharpen colour and direction")
+    patch_size: int = Field(
+        8, ge=1, description="8 px patches, 2 x 2 per 16 px frame: as good as 4 px on held-out clips, ~5x faster"
+    )
+    context_length: int = Field(24, ge=8, description="tokens per caption; the world's longest caption has 15")
+    steps: int = Field(400, ge=1, description="optimizer steps; held-out direction 99.5 % here, 96 % at 200")
+    batch_size: int = Field(
+        128, ge=2, description="clips per step; in-batch negatives teach direction (64 measured worse)"
+    )
     lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate; high, as for a small model from scratch")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay, CLIP's 0.1 (Radford et al. 2021)")
     warmup_steps: int = Field(40, ge=0, description="linear warm-up before the cosine decay (10 % of the steps)")
@@ -109,11 +132,15 @@ class TinyClipConfig(BaseModel):
     @model_validator(mode="after")
     def _shapes_fit(self) -> TinyClipConfig:
         if not _NAME.match(self.model_name):
-            raise ValueError(f"TinyClipConfig.model_name {self.model_name!r} must be letters, digits, '.', '_' or '-' "
-                             "(it becomes a file name in open_clip's config registry)")
+            raise ValueError(
+                f"TinyClipConfig.model_name {self.model_name!r} must be letters, digits, '.', '_' or '-' "
+                "(it becomes a file name in open_clip's config registry)"
+            )
         if self.frame_size % self.patch_size:
-            raise ValueError(f"TinyClipConfig: frame_size {self.frame_size} must be a multiple of patch_size "
-                             f"{self.patch_size}, so patches never straddle two frames of a storyboard")
+            raise ValueError(
+                f"TinyClipConfig: frame_size {self.frame_size} must be a multiple of patch_size "
+                f"{self.patch_size}, so patches never straddle two frames of a storyboard"
+            )
         if self.width % self.head_width:
             raise ValueError(f"TinyClipConfig: width {self.width} must be a multiple of head_width {self.head_width}")
         return self
@@ -130,11 +157,23 @@ class TinyClipConfig(BaseModel):
         heads = self.width // self.head_width
         return {
             "embed_dim": self.embed_dim,
-            "vision_cfg": {"image_size": list(self.image_size()), "layers": self.layers, "width": self.width,
-                           "head_width": self.head_width, "patch_size": self.patch_size, "mlp_ratio": 2.0},
+            "vision_cfg": {
+                "image_size": list(self.image_size()),
+                "layers": self.layers,
+                "width": self.width,
+                "head_width": self.head_width,
+                "patch_size": self.patch_size,
+                "mlp_ratio": 2.0,
+            },
             # open_clip's BPE tokenizer ships in the wheel and needs its full 49,408-token vocabulary
-            "text_cfg": {"context_length": self.context_length, "vocab_size": 49408, "width": self.width,
-                         "heads": heads, "layers": self.layers, "mlp_ratio": 2.0},
+            "text_cfg": {
+                "context_length": self.context_length,
+                "vocab_size": 49408,
+                "width": self.width,
+                "heads": heads,
+                "layers": self.layers,
+                "mlp_ratio": 2.0,
+            },
         }
 
 
@@ -161,8 +200,10 @@ def register_model_config(model_name: str, model_cfg: dict) -> None:
     if not _NAME.match(model_name):
         raise ValueError(f"model name {model_name!r} must be letters, digits, '.', '_' or '-'")
     if not all(k in model_cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
-        raise ValueError(f"open_clip config for {model_name!r} needs `embed_dim`, `vision_cfg` and `text_cfg`, "
-                         f"got keys {sorted(model_cfg)}")
+        raise ValueError(
+            f"open_clip config for {model_name!r} needs `embed_dim`, `vision_cfg` and `text_cfg`, "
+            f"got keys {sorted(model_cfg)}"
+        )
     path = _registry_dir() / f"{model_name}.json"
     atomic_write_json(path, model_cfg)
     open_clip.add_model_config(path)
@@ -184,7 +225,7 @@ def frame_indices(num_frames: int, video: VideoInput, fps: float | None = None) 
     if video.mode == "storyboard":
         return np.rint(np.linspace(0, num_frames - 1, video.frames)).astype(int)
     if fps is not None and video.sample_fps is not None:
-        idx = np.arange(0.0, num_frames, fps / video.sample_fps).astype(int)
+        idx = np.arange(0.0, num_frames, max(1.0, fps / video.sample_fps)).astype(int)
         if len(idx) <= video.frames:
             return idx
     count = min(video.frames, num_frames)
@@ -202,7 +243,9 @@ def _resize(images: torch.Tensor, size: tuple[int, int], preprocess_cfg: dict) -
     antialias = mode in ("bilinear", "bicubic")
 
     def scale(x: torch.Tensor, out: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(x, size=out, mode=mode, antialias=antialias, **({} if mode == "nearest" else {"align_corners": False}))
+        return F.interpolate(
+            x, size=out, mode=mode, antialias=antialias, **({} if mode == "nearest" else {"align_corners": False})
+        )
 
     if resize_mode == "squash":
         return scale(images, size).clamp(0.0, 1.0)
@@ -211,16 +254,17 @@ def _resize(images: torch.Tensor, size: tuple[int, int], preprocess_cfg: dict) -
     sh, sw = scaled.shape[-2:]
     if resize_mode == "shortest":
         top, left = (sh - size[0]) // 2, (sw - size[1]) // 2
-        return scaled[..., top:top + size[0], left:left + size[1]]
+        return scaled[..., top : top + size[0], left : left + size[1]]
     fill = preprocess_cfg.get("fill_color", 0) / 255.0
     out = torch.full((*scaled.shape[:-2], *size), float(fill), dtype=scaled.dtype)
     top, left = (size[0] - sh) // 2, (size[1] - sw) // 2
-    out[..., top:top + sh, left:left + sw] = scaled
+    out[..., top : top + sh, left : left + sw] = scaled
     return out
 
 
-def video_images(frames: np.ndarray, video: VideoInput, image_size: tuple[int, int], preprocess_cfg: dict,
-                 fps: float | None = None) -> torch.Tensor:
+def video_images(
+    frames: np.ndarray, video: VideoInput, image_size: tuple[int, int], preprocess_cfg: dict, fps: float | None = None
+) -> torch.Tensor:
     """The normalised image-tower inputs (K, 3, H, W) of one video: K = 1 storyboard, or K frames."""
     picked = torch.from_numpy(np.ascontiguousarray(frames[frame_indices(len(frames), video, fps)]))
     x = picked.permute(0, 3, 1, 2).float() / 255.0
@@ -243,7 +287,9 @@ def encode_video_images(model: torch.nn.Module, images: torch.Tensor, counts: Se
     emb = model.encode_image(images, normalize=True)
     if all(c == 1 for c in counts):
         return emb
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=emb.device), torch.as_tensor(counts, device=emb.device))
+    owner = torch.repeat_interleave(
+        torch.arange(len(counts), device=emb.device), torch.as_tensor(counts, device=emb.device)
+    )
     sums = torch.zeros(len(counts), emb.shape[1], dtype=emb.dtype, device=emb.device).index_add_(0, owner, emb)
     return F.normalize(sums, dim=-1)
 
@@ -253,9 +299,17 @@ def _check_frames(frames_list: Sequence[np.ndarray]) -> None:
         if frames is None:
             raise ValueError(f"frames_list[{i}] is None (an undecodable video); score only videos that decode")
         shape = getattr(frames, "shape", None)
-        if getattr(frames, "dtype", None) != np.uint8 or shape is None or len(shape) != 4 or shape[-1] != 3 or shape[0] < 1:
-            raise ValueError(f"frames_list[{i}]: expected uint8 RGB frames of shape (F, H, W, 3) with F >= 1, got "
-                             f"{getattr(frames, 'dtype', type(frames).__name__)} {shape}; decode the video to RGB uint8")
+        if (
+            getattr(frames, "dtype", None) != np.uint8
+            or shape is None
+            or len(shape) != 4
+            or shape[-1] != 3
+            or shape[0] < 1
+        ):
+            raise ValueError(
+                f"frames_list[{i}]: expected uint8 RGB frames of shape (F, H, W, 3) with F >= 1, got "
+                f"{getattr(frames, 'dtype', type(frames).__name__)} {shape}; decode the video to RGB uint8"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,16 +320,24 @@ class VideoCLIP:
     """An open_clip model, its tokenizer and its video input: unit video and caption embeddings
     and their per-pair cosine similarity, in batches, without gradients."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, model_name: str, model_cfg: dict, video: VideoInput,
-                 train_info: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        model_name: str,
+        model_cfg: dict,
+        video: VideoInput,
+        input_dtype: torch.dtype = torch.float32,
+        train_info: dict | None = None,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.model_cfg = model_cfg
         self.video = video
         self.train_info = dict(train_info or {})
-        first = next(model.visual.parameters())
-        self.device, self.dtype = first.device, first.dtype
+        # open_clip's low-precision models keep norms in float32 but want images in their dtype
+        self.device, self.dtype = next(model.parameters()).device, input_dtype
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -293,8 +355,10 @@ class VideoCLIP:
         out = []
         with torch.inference_mode():
             for start in range(0, len(frames_list), self.video.batch_size):
-                chunk = [video_images(f, self.video, self.image_size, self.preprocess_cfg, fps)
-                         for f in frames_list[start:start + self.video.batch_size]]
+                chunk = [
+                    video_images(f, self.video, self.image_size, self.preprocess_cfg, fps)
+                    for f in frames_list[start : start + self.video.batch_size]
+                ]
                 images = torch.cat(chunk).to(self.device, self.dtype)
                 out.append(encode_video_images(self.model, images, [len(c) for c in chunk]).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.model_cfg["embed_dim"]), np.float32)
@@ -307,15 +371,18 @@ class VideoCLIP:
         out = []
         with torch.inference_mode():
             for start in range(0, len(captions), self.video.batch_size):
-                tokens = self.tokenizer(list(captions[start:start + self.video.batch_size])).to(self.device)
+                tokens = self.tokenizer(list(captions[start : start + self.video.batch_size])).to(self.device)
                 out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.model_cfg["embed_dim"]), np.float32)
 
-    def similarity(self, frames_list: Sequence[np.ndarray], captions: Sequence[str], fps: float | None = None) -> np.ndarray:
+    def similarity(
+        self, frames_list: Sequence[np.ndarray], captions: Sequence[str], fps: float | None = None
+    ) -> np.ndarray:
         """Cosine similarity (N,) of each video with its own caption, in [-1, 1]."""
         if len(frames_list) != len(captions):
-            raise ValueError(f"similarity needs one caption per video, got {len(frames_list)} videos and "
-                             f"{len(captions)} captions")
+            raise ValueError(
+                f"similarity needs one caption per video, got {len(frames_list)} videos and {len(captions)} captions"
+            )
         return np.sum(self.embed_videos(frames_list, fps) * self.embed_texts(captions), axis=1)
 
 
@@ -323,8 +390,9 @@ class VideoCLIP:
 # 5. Training the tiny CLIP
 
 
-def multi_positive_info_nce(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                            groups: torch.Tensor) -> torch.Tensor:
+def multi_positive_info_nce(
+    video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, groups: torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE in which every pair that shares a caption is a positive.
 
     With unit embeddings V, T (B, D), logits L = exp(logit_scale) · V Tᵀ and targets
@@ -353,8 +421,9 @@ def _lr_factor(step: int, cfg: TinyClipConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train_clip(frames_list: Sequence[np.ndarray], captions: Sequence[str], cfg: TinyClipConfig | None = None,
-               seed: int = 0) -> VideoCLIP:
+def train_clip(
+    frames_list: Sequence[np.ndarray], captions: Sequence[str], cfg: TinyClipConfig | None = None, seed: int = 0
+) -> VideoCLIP:
     """A tiny CLIP trained contrastively from scratch on (clip, caption) pairs, on the CPU.
 
     The model is built by `open_clip.create_model` from the config registered under
@@ -364,7 +433,9 @@ def train_clip(frames_list: Sequence[np.ndarray], captions: Sequence[str], cfg: 
     cfg = cfg or TinyClipConfig()
     # 1. check inputs
     if len(frames_list) != len(captions):
-        raise ValueError(f"train_clip needs one caption per clip, got {len(frames_list)} clips and {len(captions)} captions")
+        raise ValueError(
+            f"train_clip needs one caption per clip, got {len(frames_list)} clips and {len(captions)} captions"
+        )
     distinct = sorted(set(captions))
     if len(distinct) < 2:
         raise ValueError(f"train_clip needs at least two distinct captions to contrast, got {distinct}")
@@ -386,11 +457,19 @@ def train_clip(frames_list: Sequence[np.ndarray], captions: Sequence[str], cfg: 
     tokens = tokenizer(list(captions))
     group_of = {text: i for i, text in enumerate(distinct)}
     groups = torch.tensor([group_of[c] for c in captions])
+
     # 4. AdamW without decay on gains, biases and the temperature (as open_clip's trainer)
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "ln" in n or "bias" in n or "logit_scale" in n]
-    decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "ln" in n or "bias" in n or "logit_scale" in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    def exempt(name: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
+
+    no_decay = [p for n, p in model.named_parameters() if exempt(n, p)]
+    decay = [p for n, p in model.named_parameters() if not exempt(n, p)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     batch = min(cfg.batch_size, len(captions))
@@ -418,9 +497,14 @@ def train_clip(frames_list: Sequence[np.ndarray], captions: Sequence[str], cfg: 
             logger.info("tiny CLIP step %d/%d: loss %.4f", step + 1, cfg.steps, loss.item())
     model.eval()
     clip.train_info = {
-        "steps": cfg.steps, "clips": len(captions), "distinct_captions": len(distinct), "seed": seed,
-        "final_loss": float(loss.item()), "seconds": round(time.perf_counter() - started, 2),
-        "parameters": sum(p.numel() for p in model.parameters()), "config": cfg.model_dump(mode="json"),
+        "steps": cfg.steps,
+        "clips": len(captions),
+        "distinct_captions": len(distinct),
+        "seed": seed,
+        "final_loss": float(loss.item()),
+        "seconds": round(time.perf_counter() - started, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": cfg.model_dump(mode="json"),
     }
     return clip
 
@@ -440,14 +524,22 @@ def save_clip(clip: VideoCLIP, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in clip.model.state_dict().items()}
-    atomic_write_bytes(out / WEIGHTS_FILE, safetensors_bytes(state, metadata={"format": "pt", "model_name": clip.model_name}))
+    atomic_write_bytes(
+        out / WEIGHTS_FILE, safetensors_bytes(state, metadata={"format": "pt", "model_name": clip.model_name})
+    )
     preprocess = {k: (list(v) if isinstance(v, tuple) else v) for k, v in clip.preprocess_cfg.items()}
-    atomic_write_json(out / CONFIG_FILE, {
-        "model_cfg": clip.model_cfg,
-        "preprocess_cfg": preprocess,
-        PREFLOOP_KEY: {"model_name": clip.model_name, "video": clip.video.model_dump(mode="json"),
-                       "train": clip.train_info},
-    })
+    atomic_write_json(
+        out / CONFIG_FILE,
+        {
+            "model_cfg": clip.model_cfg,
+            "preprocess_cfg": preprocess,
+            PREFLOOP_KEY: {
+                "model_name": clip.model_name,
+                "video": clip.video.model_dump(mode="json"),
+                "train": clip.train_info,
+            },
+        },
+    )
     return out
 
 
@@ -457,8 +549,13 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def load_clip(model_name: str, pretrained: str | Path, device: str | torch.device = "cpu",
-              dtype: str = "float32", video: VideoInput | None = None) -> VideoCLIP:
+def load_clip(
+    model_name: str,
+    pretrained: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    video: VideoInput | None = None,
+) -> VideoCLIP:
     """An open_clip model and its tokenizer, by `open_clip.create_model(model_name, pretrained=...)`.
 
     `pretrained` is an open_clip tag (a real run: open_clip downloads or finds it in its cache),
@@ -469,15 +566,19 @@ def load_clip(model_name: str, pretrained: str | Path, device: str | torch.devic
     """
     # 1. check inputs
     if not pretrained:
-        raise ValueError(f"load_clip({model_name!r}): name pretrained weights (an open_clip tag or a path); "
-                         "a randomly initialised CLIP scores nothing")
+        raise ValueError(
+            f"load_clip({model_name!r}): name pretrained weights (an open_clip tag or a path); "
+            "a randomly initialised CLIP scores nothing"
+        )
     if dtype not in _PRECISIONS:
         raise ValueError(f"load_clip: dtype {dtype!r} is not one of {sorted(_PRECISIONS)}")
     path = Path(pretrained)
     local = path.exists()
     if not local and (len(path.parts) > 1 or path.suffix in (".safetensors", ".bin", ".pt", ".pth")):
-        raise FileNotFoundError(f"load_clip: {pretrained} does not exist; pass a folder written by save_clip, "
-                                "a weights file, or an open_clip pretrained tag")
+        raise FileNotFoundError(
+            f"load_clip: {pretrained} does not exist; pass a folder written by save_clip, "
+            "a weights file, or an open_clip pretrained tag"
+        )
     # 2. a local checkpoint: its config, registered under the given name
     saved: dict = {}
     weights = str(pretrained)
@@ -486,26 +587,44 @@ def load_clip(model_name: str, pretrained: str | Path, device: str | torch.devic
         folder = path if path.is_dir() else path.parent
         weights = str(folder / WEIGHTS_FILE) if path.is_dir() else str(path)
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"load_clip: no {WEIGHTS_FILE} in {folder}; pass a folder written by save_clip "
-                                    "or the weights file itself")
+            raise FileNotFoundError(
+                f"load_clip: no {WEIGHTS_FILE} in {folder}; pass a folder written by save_clip "
+                "or the weights file itself"
+            )
         config_path = folder / CONFIG_FILE
         if config_path.is_file():
             config = json.loads(config_path.read_text())
             saved = config.get(PREFLOOP_KEY, {})
             if saved.get("model_name", model_name) != model_name:
-                raise ValueError(f"load_clip: {folder} holds model {saved['model_name']!r}, not {model_name!r}; "
-                                 f"call load_clip({saved['model_name']!r}, {str(pretrained)!r})")
+                raise ValueError(
+                    f"load_clip: {folder} holds model {saved['model_name']!r}, not {model_name!r}; "
+                    f"call load_clip({saved['model_name']!r}, {str(pretrained)!r})"
+                )
             if "model_cfg" not in config:
                 raise ValueError(f"load_clip: {config_path} has no `model_cfg`; write checkpoints with save_clip")
             register_model_config(model_name, config["model_cfg"])
             force_preprocess = {k: v for k, v in config.get("preprocess_cfg", {}).items() if k != "size"} or None
     if open_clip.get_model_config(model_name) is None:
-        raise ValueError(f"load_clip: {model_name!r} is not an open_clip architecture and {pretrained!r} brings no "
-                         f"{CONFIG_FILE}; name one of open_clip.list_models() or a folder written by save_clip")
+        raise ValueError(
+            f"load_clip: {model_name!r} is not an open_clip architecture and {pretrained!r} brings no "
+            f"{CONFIG_FILE}; name one of open_clip.list_models() or a folder written by save_clip"
+        )
     # 3. the model, the same call for a tag and a path
-    model = open_clip.create_model(model_name, pretrained=weights, device=_resolve_device(device),
-                                   precision=_PRECISIONS[dtype], force_preprocess_cfg=force_preprocess)
+    model = open_clip.create_model(
+        model_name,
+        pretrained=weights,
+        device=_resolve_device(device),
+        precision=_PRECISIONS[dtype],
+        force_preprocess_cfg=force_preprocess,
+    )
     tokenizer = open_clip.get_tokenizer(model_name)
     chosen = video or (VideoInput.model_validate(saved["video"]) if "video" in saved else VideoInput())
-    return VideoCLIP(model, tokenizer, model_name, open_clip.get_model_config(model_name), chosen,
-                     saved.get("train", {}))
+    return VideoCLIP(
+        model,
+        tokenizer,
+        model_name,
+        open_clip.get_model_config(model_name),
+        chosen,
+        open_clip.get_input_dtype(_PRECISIONS[dtype]) or torch.float32,
+        saved.get("train", {}),
+    )

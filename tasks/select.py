@@ -250,7 +250,9 @@ def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, addr
 
     res = resources_for("select", {"actors": cfg.clip_actors, "batch_size": cfg.batch_size})
     with ray_session(address=address):
-        ds = ray.data.from_items(items)
+        # one block per batch: Ray Data's default splits small item lists into many tiny blocks,
+        # and per-task overhead then dominates the few milliseconds a small clip costs to score
+        ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // res.batch_size)))
         ds = ds.map_batches(
             frame_scores_batch,
             fn_kwargs={"setup": setup},

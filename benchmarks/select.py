@@ -1,0 +1,95 @@
+"""Throughput of the `select` stage against decoding alone, and its scaling from 1 to 2 workers.
+
+    .venv/bin/python benchmarks/select.py [--clips 2000]
+
+Builds an embedded world in a temporary folder (ingest, and a CLIP trained for a few steps —
+its quality does not change the speed), starts one local Ray, then times on the same files:
+- decode only: the same Ray Data pipeline shape (`map_batches` tasks, 2 at a time) that only
+  decodes each video;
+- the whole `select` stage (read manifest, decode and score on Ray tasks, CLIP on an actor pool,
+  the physics judge, decisions, manifest and contact sheet) with 2 workers, then with 1.
+Ray's start-up (~5 s, once per stage run) is reported apart and not in the rates.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named select.py like the standard library's `select` module: run as a script, its
+# folder would come first on sys.path and shadow it. Put the repository root there instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def decode_batch(batch):
+    import numpy as np
+
+    from tasks.video_io import read_video
+
+    frames = [read_video(p).shape[0] for p in batch["path"]]
+    return {"frames": np.asarray(frames)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=2000)
+    args = parser.parse_args()
+
+    import ray
+
+    from data_contracts import read_manifest
+    from flows.config import resolve_config, save_config
+    from infra.ray_cluster import ray_session
+    from tasks import bootstrap, ingest, select
+    from tasks.common import execute_stage
+
+    tmp = Path(tempfile.mkdtemp(prefix="prefloop-bench-"))
+    try:
+        cfg = resolve_config(
+            overrides=[f"ingest.world.num_clips={args.clips}", "bootstrap.clip.steps=5", "bootstrap.clip.batch_size=16"]
+        )
+        layout = cfg.layout(tmp / "runs", "bench")
+        layout.run_dir.mkdir(parents=True)
+        save_config(cfg, layout.config_path)
+        videos = execute_stage(ingest.run, layout, layout.stage("ingest"), cfg.ingest, {}).manifest
+        ckpts = execute_stage(bootstrap.run, layout, layout.stage("bootstrap"), cfg.bootstrap, {"videos": videos}).manifest
+        rows = [r for r in read_manifest(videos.path, "videos", layout).rows() if r["reason"] is None]
+        items = [{"path": str(layout.resolve(r["video_path"]))} for r in rows]
+        total = len(read_manifest(videos.path, "videos", layout))
+
+        t0 = time.perf_counter()
+        with ray_session(num_cpus=2):
+            startup = time.perf_counter() - t0
+            # 1. decode only, same pipeline shape
+            t0 = time.perf_counter()
+            ds = ray.data.from_items(items).map_batches(decode_batch, batch_size=cfg.select.batch_size, concurrency=2)
+            decoded = sum(int(b["frames"].shape[0]) for b in ds.iter_batches(batch_size=None))
+            decode_rate = decoded / (time.perf_counter() - t0)
+            # 2. the whole stage, 2 workers then 1 (a fresh folder each time: no score cache)
+            rates = {}
+            for workers in (2, 1):
+                out = layout.stage("select")
+                shutil.rmtree(out.path, ignore_errors=True)
+                sel_cfg = cfg.select.model_copy(update={"workers": workers})
+                t0 = time.perf_counter()
+                execute_stage(select.run, layout, out, sel_cfg, {"videos": videos, "checkpoints": ckpts})
+                rates[workers] = total / (time.perf_counter() - t0)
+        print(f"videos: {total} ({len(items)} decodable), {cfg.ingest.world.size}px x {cfg.ingest.world.frames} frames")
+        print(f"ray start-up: {startup:.1f} s (not in the rates)")
+        print(f"decode only (2 Ray tasks at a time): {decode_rate:.1f} videos/s")
+        print(f"select, 2 workers: {rates[2]:.1f} videos/s")
+        print(f"select, 1 worker: {rates[1]:.1f} videos/s")
+        print(f"select/decode ratio: {rates[2] / decode_rate:.2f}")
+        print(f"speed-up 1->2 workers: {rates[2] / rates[1]:.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
