@@ -9,13 +9,14 @@ Tasks take and return manifest references (paths and hashes), never data.
 
 from __future__ import annotations
 
+import base64
 import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import ValidationError
 
 from data_contracts import ContractError, ManifestRef, RunLayout, StageDir, completed_ref
@@ -52,6 +53,7 @@ def stage_task(
         "counts": dict(outcome.counts),
         "metrics": dict(outcome.metrics),
         "seconds": outcome.seconds,
+        "images": dict(outcome.images),
     }
 
 
@@ -76,11 +78,21 @@ def run_stage(
     logger.info("%s %s; cache key %s; manifest %s", out.label, state, key, ref.path)
     table = [{"count": k, "value": v} for k, v in result["counts"].items()]
     table += [{"count": k, "value": round(v, 4)} for k, v in result["metrics"].items()]
+    artifact_key = f"{layout.run}-{out.label}".lower().replace("/", "-").replace("_", "-").replace(".", "-")
     create_table_artifact(
-        key=f"{layout.run}-{out.label}".lower().replace("/", "-").replace("_", "-").replace(".", "-"),
+        key=artifact_key,
         table=table,
         description=f"**{out.label}** of run `{layout.run}`: {state}; cache key `{key}`; manifest `{ref.path}`",
     )
+    # Prefect's image artifacts take URLs, not files: small PNGs go inline in markdown.
+    for i, (title, path) in enumerate(result.get("images", {}).items()):
+        if Path(path).exists():
+            data = base64.b64encode(Path(path).read_bytes()).decode()
+            create_markdown_artifact(
+                key=f"{artifact_key}-image-{i}",
+                markdown=f"### {out.label}: {title}\n\n![{title}](data:image/png;base64,{data})\n\n`{path}`",
+                description=f"{out.label} of run `{layout.run}`: {title}",
+            )
     return ref
 
 

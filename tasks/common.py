@@ -43,6 +43,8 @@ class StageResult:
     manifest: ManifestRef
     counts: Mapping[str, int] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    # small PNGs for the UI (contact sheets, plots): title -> path
+    images: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class StageOutcome:
     counts: Mapping[str, int]
     metrics: Mapping[str, float]
     seconds: float
+    images: Mapping[str, str] = field(default_factory=dict)
 
 
 def stage_lineage(stage: str, inputs: Mapping[str, ManifestRef], cfg: StageConfig) -> Lineage:
@@ -73,7 +76,9 @@ def execute_stage(
     done = None if force else completed_ref(out, key)
     if done is not None:
         marker = read_marker(out) or {}
-        return StageOutcome(done, key, True, marker.get("counts", {}), marker.get("metrics", {}), 0.0)
+        return StageOutcome(
+            done, key, True, marker.get("counts", {}), marker.get("metrics", {}), 0.0, marker.get("images", {})
+        )
     out.path.mkdir(parents=True, exist_ok=True)
     out.marker_path.unlink(missing_ok=True)  # a stage being rerun is not complete until it ends
     t0 = time.perf_counter()
@@ -92,6 +97,9 @@ def execute_stage(
             "finished_at": time.time(),
             "counts": dict(result.counts),
             "metrics": dict(result.metrics),
+            "images": dict(result.images),
         },
     )
-    return StageOutcome(result.manifest, key, False, dict(result.counts), dict(result.metrics), seconds)
+    return StageOutcome(
+        result.manifest, key, False, dict(result.counts), dict(result.metrics), seconds, dict(result.images)
+    )

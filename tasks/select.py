@@ -21,7 +21,6 @@ embedded world)   6. caption agreement by the physics scorer (`caption_disagrees
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import time
@@ -413,11 +412,13 @@ def run(
         )
     _apply_diversity_and_top_k(out_rows, cfg, clip_name, clip_path)
     ref = write_manifest(out_rows, "selection", out.manifest_path, layout, lineage)
-    if cfg.contact_sheet:
-        write_contact_sheet(out_rows, layout, out.files("plots") / "contact_sheet.png", cfg.contact_sheet)
+    images = {}
+    sheet = out.files("plots") / "contact_sheet.png"
+    if cfg.contact_sheet and write_contact_sheet(out_rows, layout, sheet, cfg.contact_sheet):
+        images["selected and rejected clips"] = str(sheet)
     counts = summarize(out_rows)
     counts["decoded"] = decoded
-    return StageResult(ref, counts=counts, metrics={"scoring_seconds": seconds})
+    return StageResult(ref, counts=counts, metrics={"scoring_seconds": seconds}, images=images)
 
 
 def _apply_diversity_and_top_k(rows: list[dict], cfg: SelectConfig, clip_name: str | None, clip_path: str | None) -> None:
@@ -456,7 +457,7 @@ def summarize(rows: list[dict]) -> dict[str, int]:
     return counts
 
 
-def write_contact_sheet(rows: list[dict], layout: RunLayout, path: Path, per_side: int) -> None:
+def write_contact_sheet(rows: list[dict], layout: RunLayout, path: Path, per_side: int) -> bool:
     """A PNG of frame strips: a few selected clips, then a few rejected ones with their reasons."""
     import cv2
 
@@ -477,13 +478,10 @@ def write_contact_sheet(rows: list[dict], layout: RunLayout, path: Path, per_sid
         cv2.putText(label, text[:90], (2, 11), cv2.FONT_HERSHEY_PLAIN, 0.8, (255, 255, 255), 1)
         strips.append(np.concatenate([label, strip], axis=0))
     if not strips:
-        return
+        return False
     width = max(s.shape[1] for s in strips)
     sheet = np.concatenate([np.pad(s, ((0, 2), (0, width - s.shape[1]), (0, 0))) for s in strips], axis=0)
     ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     if ok:
         atomic_write_bytes(path, png.tobytes())
-
-
-def png_data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+    return bool(ok)

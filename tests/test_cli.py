@@ -107,9 +107,12 @@ def test_run_is_a_flow_with_a_subflow_per_stage_and_a_counts_table(tmp_path, pre
         child = runs[f"whole/{stage}"]
         assert child.state.is_completed(), stage
         assert child.parent_task_run_id is not None  # a subflow of the whole-DAG flow run
-    tables = [a for a in _artifacts() if a.key == "whole-ingest"]
+    artifacts = _artifacts()
+    tables = [a for a in artifacts if a.key == "whole-ingest"]
     assert tables and tables[0].type == "table"
     assert "videos" in str(tables[0].data) and "24" in str(tables[0].data)
+    sheets = [a for a in artifacts if a.key == "whole-select-image-0"]
+    assert sheets and sheets[0].type == "markdown" and "data:image/png;base64," in sheets[0].data
 
 
 def test_a_command_without_a_configured_server_starts_its_own(tmp_path):
