@@ -74,7 +74,10 @@ class SelectConfig(StageConfig):
     thresholds: ScoreThresholds = Field(default_factory=ScoreThresholds, description="frame-filter thresholds (decision)")
     text: TextSimilarity = Field(default_factory=TextSimilarity, description="the open_clip model of text–video similarity")
     min_text_similarity: float | None = Field(
-        0.0, description="least cosine similarity of a clip with its caption (measured for the world model); None: off"
+        None,
+        description="least open_clip cosine of a clip with its caption; None: scored, not thresholded. Off by default: "
+        "the world's CLIP scores the clips it was trained on, where wrong captions are partly memorised (a fixed "
+        "cutoff of 0.3 caught 20% of them), and the judge checks the world's captions; set it for a real model",
     )
     physics: Literal["judge", "none"] = Field(
         "judge", description="physical-plausibility scorer: the physics judge (embedded world) or none"
@@ -93,7 +96,7 @@ class SelectConfig(StageConfig):
     top_k: int | None = Field(None, ge=1, description="keep at most the k best-scoring passing clips (None: all)")
     workers: int = Field(2, ge=1, description="decode-and-score tasks running at once (one core each)")
     clip_actors: int = Field(1, ge=1, description="open_clip actors (one model each)")
-    batch_size: int = Field(16, ge=1, description="videos per map_batches call")
+    batch_size: int = Field(64, ge=1, description="videos per map_batches call: Ray Data costs ~tens of ms per task, so small clips go in big batches")
     contact_sheet: int = Field(4, ge=0, description="selected and rejected clips shown in the contact sheet PNG")
 
     def scoring_hash(self) -> str:
@@ -252,12 +255,17 @@ def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, addr
         # one block per batch: Ray Data's default splits small item lists into many tiny blocks,
         # and per-task overhead then dominates the few milliseconds a small clip costs to score
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // res.batch_size)))
+        # Each task runs one thread; its logical CPU share is what is left beside the CLIP actors,
+        # so that `workers` tasks really run at once (1 CPU each plus 0.25 for an actor does not
+        # fit twice on 2 cores, and Ray would quietly run one task at a time).
+        actor_cpus = res.num_cpus * res.actors if setup.clip_name is not None else 0.0
+        task_cpus = min(1.0, max(0.05, (ray.cluster_resources().get("CPU", 1.0) - actor_cpus) / cfg.workers))
         ds = ds.map_batches(
             frame_scores_batch,
             fn_kwargs={"setup": setup},
             batch_size=res.batch_size,
             concurrency=cfg.workers,
-            num_cpus=1,
+            num_cpus=task_cpus,
         )
         if setup.clip_name is not None:
             ds = ds.map_batches(

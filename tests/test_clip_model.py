@@ -263,8 +263,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 @pytest.mark.slow
 def test_trained_clip_tells_matched_from_mismatched_captions_on_held_out_clips():
     """Trained as bootstrap trains it, on ~1,500 clips of ingest's mix (40 % implausible, 4 %
-    wrong captions and other defects), 250 steps of 128 clips (~15 s on 2 idle cores, ~40 s
-    shared); scored on 200 held-out clean clips.
+    wrong captions and other defects), 250 steps of 128 clips (~15 s on 2 idle cores, ~60 s
+    when other jobs share them); scored on 200 held-out clean clips.
 
     Chance: retrieval 1/60 (the world has 60 distinct captions), pairwise 0.5, AUC 0.5. Measured
     when written (training seeds 0/1/2): retrieval 0.89-0.92 (0.96-0.99 ignoring bounce counts);
