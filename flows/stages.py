@@ -109,14 +109,17 @@ def ingest_flow(run: str, runs_root: str, config: dict[str, Any], force: bool = 
     return ref.__dict__
 
 
-def _completed_input(layout: RunLayout, stage: str) -> ManifestRef:
-    """The output of an earlier stage of this run, which must be complete."""
+def _upstream(layout: RunLayout, stage: str, run: str, runs_root: str, config: dict[str, Any]) -> ManifestRef:
+    """The output of an earlier stage of this run; a stage that never completed runs first (as a
+    subflow), so `prefloop stage select --run demo` works right after `ingest`."""
     from data_contracts import manifest_ref, read_marker
 
     stage_dir = layout.stage(stage)
     marker = read_marker(stage_dir)
     if not marker or marker.get("status") != "complete" or not stage_dir.manifest_path.exists():
-        raise RuntimeError(f"run `{layout.run}` has no complete `{stage}` stage; run `prefloop stage {stage} --run {layout.run}` first")
+        get_run_logger().info("run %s has no complete `%s` stage: running it first", layout.run, stage)
+        STAGE_FLOWS[stage](run, runs_root, config)
+        marker = read_marker(stage_dir) or {}
     return manifest_ref(stage_dir.manifest_path, marker["manifest"]["kind"])
 
 
@@ -124,7 +127,7 @@ def _completed_input(layout: RunLayout, stage: str) -> ManifestRef:
 def bootstrap_flow(run: str, runs_root: str, config: dict[str, Any], force: bool = False) -> dict[str, str]:
     """Embedded world only: train the tiny open_clip model on the unselected clips → `checkpoints`."""
     cfg, layout = _layout(run, runs_root, config)
-    inputs = {"videos": _completed_input(layout, "ingest")}
+    inputs = {"videos": _upstream(layout, "ingest", run, runs_root, config)}
     ref = run_stage(bootstrap.run, cfg.bootstrap, layout, layout.stage("bootstrap"), inputs, cfg.run.task_retries, force)
     return ref.__dict__
 
@@ -133,9 +136,9 @@ def bootstrap_flow(run: str, runs_root: str, config: dict[str, Any], force: bool
 def select_flow(run: str, runs_root: str, config: dict[str, Any], force: bool = False) -> dict[str, str]:
     """`videos` (+ the world's CLIP checkpoint) → `selection`: scores, reasons, the good clips."""
     cfg, layout = _layout(run, runs_root, config)
-    inputs = {"videos": _completed_input(layout, "ingest")}
+    inputs = {"videos": _upstream(layout, "ingest", run, runs_root, config)}
     if cfg.select.text.model == "world":
-        inputs["checkpoints"] = _completed_input(layout, "bootstrap")
+        inputs["checkpoints"] = _upstream(layout, "bootstrap", run, runs_root, config)
     run_fn = functools.partial(select.run, ray_address=cfg.run.ray_address)
     ref = run_stage(run_fn, cfg.select, layout, layout.stage("select"), inputs, cfg.run.task_retries, force)
     return ref.__dict__

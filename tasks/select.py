@@ -12,11 +12,15 @@ pool (one model per actor, `num_gpus` per actor from `infra/resources.py`). A fi
 to decode fails its row (reason `decode_failed`), never the stage.
 
 Filters, in the order a reason is given:
-1. the `videos` reason (unreadable, caption-less, …)   2. metadata bounds (`too_short`, …)
-3. frame filters (`static`, `scene_cut`, `flicker`, `blurry`, `low_motion`, `low_quality`)
-4. text–video similarity (`low_text_similarity`)   5. physics (`implausible`; the judge in the
-embedded world)   6. caption agreement by the physics scorer (`caption_disagrees`)
-7. greedy diversity on caption embeddings (`near_duplicate`, PhysHPO τ = 0.9)   8. top-k.
+1. the `videos` reason (unreadable, caption-less, …);
+2. metadata bounds (`too_short`, …);
+3. frame filters (`static`, `scene_cut`, `flicker`, `blurry`, `low_motion`, `low_quality`);
+4. text–video similarity (`low_text_similarity`);
+5. physics (`implausible`): the judge in the embedded world, a VLM for real footage
+   (`physics_unreadable` when its answer cannot be read — never a guess);
+6. caption agreement by the physics judge (`caption_disagrees`);
+7. greedy diversity on caption embeddings (`near_duplicate`, PhysHPO τ = 0.9);
+8. top-k (`below_top_k`).
 """
 
 from __future__ import annotations
@@ -79,8 +83,13 @@ class SelectConfig(StageConfig):
         "the world's CLIP scores the clips it was trained on, where wrong captions are partly memorised (a fixed "
         "cutoff of 0.3 caught 20% of them), and the judge checks the world's captions; set it for a real model",
     )
-    physics: Literal["judge", "none"] = Field(
-        "judge", description="physical-plausibility scorer: the physics judge (embedded world) or none"
+    physics: Literal["judge", "vlm", "none"] = Field(
+        "judge",
+        description="physical-plausibility scorer: the physics judge (embedded world), a VLM through transformers "
+        "(real footage; `select.vlm_model`), or none",
+    )
+    vlm_model: str | None = Field(
+        None, description="VLM for `physics: vlm`: a hub id (Qwen/Qwen2-VL-2B-Instruct) or a local folder"
     )
     min_physics: float = Field(0.5, ge=0, le=1, description="least physics score; the judge gives 1 (plausible) or 0")
     require_caption_agreement: bool = Field(
@@ -102,7 +111,12 @@ class SelectConfig(StageConfig):
     def scoring_hash(self) -> str:
         """The parts of the config that change a score (not a decision)."""
         return config_hash(
-            {"scoring": self.scoring.model_dump(mode="json"), "text": self.text.model_dump(mode="json"), "physics": self.physics}
+            {
+                "scoring": self.scoring.model_dump(mode="json"),
+                "text": self.text.model_dump(mode="json"),
+                "physics": self.physics,
+                "vlm_model": self.vlm_model,
+            }
         )
 
 
@@ -134,6 +148,9 @@ def decide_row(row: Mapping[str, Any], scores: Mapping[str, Any] | None, cfg: Se
     if cfg.min_text_similarity is not None and scores.get("clip") is not None:
         check("text_similarity", scores["clip"] >= cfg.min_text_similarity, "low_text_similarity")
     if cfg.physics != "none":
+        if scores.get("physics") is None:  # a VLM answer that could not be read: never a guess
+            check("physics", False, "physics_unreadable")
+            return passed, reasons[0]
         check("physics", scores["physics"] >= cfg.min_physics, "implausible")
         if cfg.require_caption_agreement and scores.get("caption") is not None:
             check("caption_agreement", scores["caption"] >= 0.5, "caption_disagrees")
@@ -165,6 +182,7 @@ class ScoringSetup:
     clip_pretrained: str | None
     clip_device: str
     clip_dtype: str
+    vlm_model: str | None = None
 
 
 def frame_scores_batch(batch: dict[str, np.ndarray], setup: ScoringSetup) -> dict[str, np.ndarray]:
@@ -238,9 +256,29 @@ class ClipScorer:
             frames = [batch["frames"][i] for i in ok]
             captions = [str(batch["text"][i]) for i in ok]
             sims[ok] = self.clip.similarity(frames, captions, fps=float(batch["fps"][ok[0]]))
-        result = {k: v for k, v in batch.items() if k != "frames"}
-        result["clip"] = sims
-        return result
+        return {**batch, "clip": sims}
+
+
+class VLMPhysicsScorer:
+    """Ray Data actor: one VLM (transformers), asked whether each clip is physically plausible.
+
+    An answer the strict parser cannot read leaves the score empty (`physics_unreadable`)."""
+
+    def __init__(self, setup: ScoringSetup):
+        from models.vlm import VLMConfig, VLMCritic
+
+        self.critic = VLMCritic(VLMConfig(model=setup.vlm_model))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = [i for i, e in enumerate(batch["error"]) if not e and len(batch["frames"][i])]
+        physics = np.full(len(batch["video_id"]), np.nan)
+        if ok:
+            answers = self.critic.physics(
+                [batch["frames"][i] for i in ok], [str(batch["text"][i]) for i in ok], [float(batch["fps"][i]) for i in ok]
+            )
+            for i, (score, _raw) in zip(ok, answers, strict=True):
+                physics[i] = np.nan if score is None else score
+        return {**batch, "physics": physics}
 
 
 def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, address: str | None) -> list[dict]:
@@ -258,7 +296,8 @@ def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, addr
         # Each task runs one thread; its logical CPU share is what is left beside the CLIP actors,
         # so that `workers` tasks really run at once (1 CPU each plus 0.25 for an actor does not
         # fit twice on 2 cores, and Ray would quietly run one task at a time).
-        actor_cpus = res.num_cpus * res.actors if setup.clip_name is not None else 0.0
+        model_pools = (setup.clip_name is not None) + (setup.physics == "vlm")
+        actor_cpus = res.num_cpus * res.actors * model_pools
         task_cpus = min(1.0, max(0.05, (ray.cluster_resources().get("CPU", 1.0) - actor_cpus) / cfg.workers))
         ds = ds.map_batches(
             frame_scores_batch,
@@ -267,17 +306,18 @@ def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, addr
             concurrency=cfg.workers,
             num_cpus=task_cpus,
         )
-        if setup.clip_name is not None:
-            ds = ds.map_batches(
-                ClipScorer,
-                fn_constructor_kwargs={"setup": setup},
-                batch_size=res.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=res.actors),
-                num_cpus=res.num_cpus,
-                num_gpus=res.num_gpus,
-            )
-        else:
-            ds = ds.map_batches(_drop_frames, batch_size=res.batch_size)
+        models = [(ClipScorer, setup.clip_name is not None), (VLMPhysicsScorer, setup.physics == "vlm")]
+        for actor, wanted in models:
+            if wanted:
+                ds = ds.map_batches(
+                    actor,
+                    fn_constructor_kwargs={"setup": setup},
+                    batch_size=res.batch_size,
+                    compute=ray.data.ActorPoolStrategy(size=res.actors),
+                    num_cpus=res.num_cpus,
+                    num_gpus=res.num_gpus,
+                )
+        ds = ds.map_batches(_drop_frames, batch_size=res.batch_size)
         return [_plain(r) for r in ds.take_all()]
 
 
@@ -378,10 +418,22 @@ def run(
     rows = videos.rows()
     world = _world_spec(layout) if cfg.physics == "judge" else None
     if cfg.physics == "judge" and world is None:
-        raise ValueError("select.physics `judge` works on the embedded world only; set select.physics=none for real data")
+        raise ValueError(
+            "select.physics `judge` works on the embedded world only; for real footage set select.physics=vlm "
+            "with select.vlm_model, or select.physics=none"
+        )
+    if cfg.physics == "vlm" and not cfg.vlm_model:
+        raise ValueError("select.physics is `vlm` but select.vlm_model is not set; name a VLM hub id or local folder")
     clip_name, clip_path = _clip_location(inputs, cfg, layout)
     setup = ScoringSetup(
-        cfg.scoring, cfg.physics, *(world or (None, None, None)), clip_name, clip_path, cfg.text.device, cfg.text.dtype
+        cfg.scoring,
+        cfg.physics,
+        *(world or (None, None, None)),
+        clip_name,
+        clip_path,
+        cfg.text.device,
+        cfg.text.dtype,
+        cfg.vlm_model,
     )
     # 1. scores: from the cache when only decisions changed, else decoded and scored on Ray
     clip_hash = inputs["checkpoints"].content_hash if clip_path and "checkpoints" in inputs else clip_path

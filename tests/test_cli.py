@@ -65,6 +65,18 @@ def test_stage_ingest_through_prefect_then_rerun_is_skipped(tmp_path, prefect_se
     assert names["demo/ingest"].state.is_completed()
 
 
+def test_stage_select_right_after_ingest_runs_bootstrap_first(tmp_path, prefect_server):
+    runs = tmp_path / "runs"
+    prefloop("stage", "ingest", "--run", "sel", *TINY, runs_root=runs)
+    out = prefloop("stage", "select", "--run", "sel", runs_root=runs)
+    assert "bootstrap" in out.stdout and "select" in out.stdout
+    layout = RunLayout(runs, "sel")
+    sel = read_manifest(layout.stage("select").manifest_path, "selection", layout)
+    assert len(sel) == 24 and sum(sel.table.column("selected").to_pylist()) > 0
+    names = {r.name: r for r in _flow_runs(prefect_server.api_url)}
+    assert names["sel/select"].state.is_completed() and names["sel/bootstrap"].state.is_completed()
+
+
 def test_folder_with_bad_files_exits_zero_and_keeps_them(tmp_path, prefect_server, messy_folder):
     runs = tmp_path / "runs"
     out = prefloop("stage", "ingest", "--run", "messy", "--set", f"ingest.source={messy_folder}", runs_root=runs)

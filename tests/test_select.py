@@ -152,3 +152,36 @@ def test_real_format_folder_lands_with_the_right_reasons(tmp_path, world):
     got = {v: r["reason"] for v, r in _rows(layout, out.manifest.path).items()}
     assert got == expected
     assert all(r["score_clip"] is not None for r in _rows(layout, out.manifest.path).values() if r["reason"] != "truncated")
+
+
+def test_a_vlm_scores_physics_of_real_footage_and_unreadable_answers_are_not_guessed(tmp_path, ray_local):
+    """`physics: vlm` on an actor pool, with a tiny random-weight Qwen2-VL loaded from a folder by
+    `from_pretrained`: its gibberish answers become `physics_unreadable`, never a verdict."""
+    from models.vlm import build_tiny_vlm
+
+    vlm_dir = build_tiny_vlm(tmp_path / "vlm")
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    rng = np.random.default_rng(8)
+    for i, kind in enumerate(["normal", "normal", "static"]):
+        frames, fps = real_clip(rng, kind)
+        write_video(folder / f"{kind}{i}.mp4", frames, fps)
+        (folder / f"{kind}{i}.txt").write_text("a red ball falls")
+    cfg, layout = _stages(
+        tmp_path,
+        [f"ingest.source={folder}", "select.physics=vlm", f"select.vlm_model={vlm_dir}", "select.text.model=none"],
+    )
+    videos = execute_stage(ingest.run, layout, layout.stage("ingest"), cfg.ingest, {}).manifest
+    out = execute_stage(select.run, layout, layout.stage("select"), cfg.select, {"videos": videos})
+    got = {v: (r["reason"], r["score_physics"]) for v, r in _rows(layout, out.manifest.path).items()}
+    assert got == {"normal0": ("physics_unreadable", None), "normal1": ("physics_unreadable", None), "static2": ("static", None)}
+
+
+def test_decisions_from_physics_scores():
+    cfg = select.SelectConfig(physics="vlm", vlm_model="x")
+    row = {"reason": None, "fps": 8.0, "num_frames": 16, "width": 64, "height": 64, "duration_s": 2.0}
+    scores = {"motion": 0.1, "static": 0.2, "scene_cut": 1.0, "flicker": 0.0, "sharpness": 2.5, "quality": 0.8}
+    assert select.decide_row(row, {**scores, "physics": 1.0}, cfg)[1] is None
+    assert select.decide_row(row, {**scores, "physics": 0.0}, cfg)[1] == "implausible"
+    assert select.decide_row(row, {**scores, "physics": None}, cfg)[1] == "physics_unreadable"
+    assert select.decide_row(row, {**scores, "error": "VideoReadError: x"}, cfg)[1] == "decode_failed"
