@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-integration test-slow lint install clean-runs
+.PHONY: demo test test-slow lint install clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,9 +20,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
-
-test-integration: $(STAMP)
-	$(BIN)/python -m pytest -q -m integration
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
