@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save as safetensors_bytes
 
 from data_contracts.lineage import atomic_write_bytes, atomic_write_json
+from models.frames import check_clip
 
 logger = logging.getLogger(__name__)
 
@@ -296,20 +297,7 @@ def encode_video_images(model: torch.nn.Module, images: torch.Tensor, counts: Se
 
 def _check_frames(frames_list: Sequence[np.ndarray]) -> None:
     for i, frames in enumerate(frames_list):
-        if frames is None:
-            raise ValueError(f"frames_list[{i}] is None (an undecodable video); score only videos that decode")
-        shape = getattr(frames, "shape", None)
-        if (
-            getattr(frames, "dtype", None) != np.uint8
-            or shape is None
-            or len(shape) != 4
-            or shape[-1] != 3
-            or shape[0] < 1
-        ):
-            raise ValueError(
-                f"frames_list[{i}]: expected uint8 RGB frames of shape (F, H, W, 3) with F >= 1, got "
-                f"{getattr(frames, 'dtype', type(frames).__name__)} {shape}; decode the video to RGB uint8"
-            )
+        check_clip(frames, f"frames_list[{i}]")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.frames import check_clip
+
 DIMENSIONS = ("VQ", "MQ", "TA")
 PAIR_LABELS = ("A", "B", "tie")
 INVALID = "invalid"
@@ -299,18 +301,7 @@ def _check_videos(videos: Sequence[np.ndarray], fps: float | Sequence[float], wh
     if isinstance(videos, np.ndarray):
         raise ValueError(f"{where}: expected a list of videos, got one array {videos.shape}; wrap it in a list")
     for i, frames in enumerate(videos):
-        shape = getattr(frames, "shape", None)
-        if (
-            getattr(frames, "dtype", None) != np.uint8
-            or shape is None
-            or len(shape) != 4
-            or shape[-1] != 3
-            or shape[0] < 1
-        ):
-            raise ValueError(
-                f"{where}[{i}]: expected uint8 RGB frames of shape (F, H, W, 3) with F >= 1, got "
-                f"{getattr(frames, 'dtype', type(frames).__name__)} {shape}; decode the video to RGB uint8"
-            )
+        check_clip(frames, f"{where}[{i}]")
     rates = [float(fps)] * len(videos) if isinstance(fps, int | float) else [float(r) for r in fps]
     if len(rates) != len(videos):
         raise ValueError(

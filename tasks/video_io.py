@@ -20,6 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from models.frames import check_clip
+
 FOURCC = "mp4v"
 
 
@@ -48,24 +50,9 @@ class VideoProbe:
 
 
 def check_frames(frames: np.ndarray, where: str = "frames") -> np.ndarray:
-    """Return `frames` if it is a uint8 RGB clip (F,H,W,3); raise a ValueError that says how to fix it.
-
-    Encoders silently misbehave on odd shapes and float pixels, so the check happens before
-    anything touches the disk.
-    """
-    arr = np.asarray(frames)
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(
-            f"{where}: expected an RGB clip of shape (frames, height, width, 3), got {arr.shape}; "
-            "stack the frames with np.stack and drop any alpha channel"
-        )
-    if arr.dtype != np.uint8:
-        raise ValueError(
-            f"{where}: expected dtype uint8, got {arr.dtype}; "
-            "scale to 0..255 and convert with np.clip(x, 0, 255).astype(np.uint8)"
-        )
-    if arr.shape[0] == 0:
-        raise ValueError(f"{where}: the clip has no frames; give at least one frame")
+    """Return `frames` if it is a uint8 RGB clip (F,H,W,3) that mp4 can hold; raise a ValueError
+    that says how to fix it. Checked before anything touches the disk."""
+    arr = check_clip(frames, where)
     if arr.shape[1] % 2 or arr.shape[2] % 2:
         raise ValueError(
             f"{where}: height and width must be even for 4:2:0 mp4 coding, got "

@@ -248,7 +248,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     clip = save_clip(train_clip(frames, captions, tiny_cfg(steps=1), seed=0), tmp_path / "c")
     with pytest.raises(ValueError, match="holds model 'prefloop-tiny-clip'"):
         load_clip("some-other-name", clip)
-    with pytest.raises(ValueError, match=r"frames_list\[0\]: expected uint8 RGB"):
+    with pytest.raises(ValueError, match=r"frames_list\[0\]: expected dtype uint8"):
         load_clip(MODEL_NAME, clip).embed_videos([frames[0].astype(np.float32)])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_clip(MODEL_NAME, tmp_path / "missing")
