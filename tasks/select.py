@@ -431,6 +431,8 @@ def run(
     lineage: Lineage,
     ray_address: str | None = None,
 ) -> StageResult:
+    """Score every readable video (or reuse the stored scores), decide, and write `selection`."""
+    # 0. check inputs: which scorers this run uses
     videos = read_manifest(inputs["videos"].path, "videos", layout)
     rows = videos.rows()
     world = _world_spec(layout) if cfg.physics == "judge" else None
@@ -442,15 +444,18 @@ def run(
     if cfg.physics == "vlm" and not cfg.vlm_model:
         raise ValueError("select.physics is `vlm` but select.vlm_model is not set; name a VLM hub id or local folder")
     clip_name, clip_path = _clip_location(inputs, cfg, layout)
+    world_size, world_frames, world_fps = world or (None, None, None)
     setup = ScoringSetup(
-        cfg.scoring,
-        cfg.physics,
-        *(world or (None, None, None)),
-        clip_name,
-        clip_path,
-        cfg.text.device,
-        cfg.text.dtype,
-        cfg.vlm_model,
+        scoring=cfg.scoring,
+        physics=cfg.physics,
+        world_size=world_size,
+        world_frames=world_frames,
+        world_fps=world_fps,
+        clip_name=clip_name,
+        clip_pretrained=clip_path,
+        clip_device=cfg.text.device,
+        clip_dtype=cfg.text.dtype,
+        vlm_model=cfg.vlm_model,
     )
     # 1. scores: from the cache when only decisions changed, else decoded and scored on Ray
     clip_hash = inputs["checkpoints"].content_hash if clip_path and "checkpoints" in inputs else clip_path
@@ -488,6 +493,7 @@ def run(
             }
         )
     _apply_diversity_and_top_k(out_rows, cfg, clip_name, clip_path)
+    # 3. the manifest, the contact sheet and the counts for the UI
     ref = write_manifest(out_rows, "selection", out.manifest_path, layout, lineage)
     images = {}
     sheet = out.files("plots") / "contact_sheet.png"

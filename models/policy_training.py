@@ -1,0 +1,283 @@
+"""Train a tiny base policy on world clips, judge its samples, and draw them as a frame strip.
+
+The base policy is what a preference round starts from: a pixel-space `WanTransformer3DModel`
+trained with the rectified-flow loss (`Policy.flow_matching_loss`) on an unfiltered mix of
+plausible and implausible clips, as a web-video model is trained on unfiltered web video.
+`train_base_policy` builds the text encoder and a random transformer with `build_tiny`, loads
+them back with `Policy.from_pretrained` (the path a real run takes with a hub id), trains, and
+saves the transformer with `save_pretrained` so the next stage loads it the same way.
+
+`judge_samples` samples one video per (prompt, seed) and reports the physics judge's
+plausibility and caption-agreement rates with Wilson 95% intervals.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from data_contracts.lineage import atomic_write_bytes
+from models.frames import check_clip
+from models.physics_judge import PhysicsJudge
+from models.physics_world import WorldSpec
+from models.policy import Policy, PolicyConfig, build_tiny
+from models.text_encoder import build_text_encoder
+
+TEXT_ENCODER_DIR = "text_encoder"
+TRANSFORMER_DIR = "transformer"
+WILSON_Z = 1.959964  # two-sided 95%
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Config
+
+
+class BasePolicyTrainConfig(BaseModel):
+    """How the tiny base policy is built and trained; defaults measured on 2 CPU cores."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(2000, ge=1, description="optimiser steps; 2,000 at batch 32 gave recognisable balls (ENVIRONMENT.md)")
+    batch_size: int = Field(32, ge=1, description="clips per step; the prototype's 32 fits 2 cores at ~0.24 s/step")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate; small transformers (~1M params) take 1e-3")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay; torch's default 0.01")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps; keeps Adam's first noisy updates small")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at this share of lr; a short run still moves at the end")
+    grad_clip: float = Field(1.0, gt=0, description="global grad-norm clip; the usual 1.0 for diffusion transformers")
+    timesteps: Literal["uniform", "logit_normal"] = Field(
+        "uniform", description="t ~ U(0,1) (rectified flow) or sigmoid(N(0,1)) (SD3's logit-normal, Esser et al. 2024)"
+    )
+    layers: int = Field(4, ge=1, description="transformer blocks; 4 made balls where 2 made fragments (ENVIRONMENT.md)")
+    dim: int = Field(128, ge=32, description="transformer width; 128 (~1M params) made recognisable balls")
+    head_dim: int = Field(32, ge=8, description="channels per attention head; dim 128 → 4 heads")
+    patch_size: tuple[int, int, int] = Field((1, 4, 4), description="(t, h, w) patch; (1,4,4) gives 128 tokens per 8×16×16 clip")
+    seed: int = Field(0, description="seeds the initial weights, the batch order, t and ε")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="stop training after this many seconds (info says so); None: run all steps"
+    )
+    log_every: int = Field(100, ge=1, description="steps between entries of the loss history in info")
+
+    @model_validator(mode="after")
+    def _check(self) -> BasePolicyTrainConfig:
+        if self.dim % self.head_dim:
+            raise ValueError(f"policy_training: dim={self.dim} is not a multiple of head_dim={self.head_dim}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Pure helpers
+
+
+def sample_timesteps(n: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """t in (0, 1) for the loss: uniform, or logit-normal `t = σ(u), u ~ N(0, 1)` (Esser et al. 2024, SD3)."""
+    if kind == "uniform":
+        return torch.rand(n, generator=generator)
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator))
+    raise ValueError(f"policy_training: unknown timestep sampling {kind!r}; use `uniform` or `logit_normal`")
+
+
+def lr_factor(step: int, cfg: BasePolicyTrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def wilson_interval(successes: int, n: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """Wilson score interval for a binomial rate (Wilson 1927); (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _check_clips(frames_list: Sequence[np.ndarray], captions: Sequence[str]) -> np.ndarray:
+    if len(frames_list) != len(captions):
+        raise ValueError(f"train_base_policy: {len(frames_list)} clips but {len(captions)} captions; give one caption per clip")
+    if not frames_list:
+        raise ValueError("train_base_policy: no clips; give at least one (frames, caption) pair")
+    for i, c in enumerate(captions):
+        if not c or not c.strip():
+            raise ValueError(f"train_base_policy: clip {i} has an empty caption; give every clip a caption")
+    clips = [check_clip(f, where=f"train_base_policy: clip {i}") for i, f in enumerate(frames_list)]
+    shapes = {c.shape for c in clips}
+    if len(shapes) != 1:
+        raise ValueError(f"train_base_policy: clips differ in shape {sorted(shapes)}; render them all at one size")
+    return np.stack(clips)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Training
+
+
+def load_policy(out_dir: str | Path, frames: int = 8, size: int = 16) -> Policy:
+    """The policy `train_base_policy` saved in `out_dir`, on the CPU, through `Policy.from_pretrained`."""
+    out = Path(out_dir)
+    return Policy.from_pretrained(
+        PolicyConfig(
+            family="wan",
+            transformer=str(out / TRANSFORMER_DIR),
+            text_encoder=str(out / TEXT_ENCODER_DIR),
+            device="cpu",
+            frames=frames,
+            height=size,
+            width=size,
+        )
+    )
+
+
+def train_base_policy(
+    frames_list: Sequence[np.ndarray], captions: Sequence[str], out_dir: str | Path, cfg: BasePolicyTrainConfig
+) -> tuple[Policy, dict]:
+    """Train a tiny pixel-space Wan on (clip, caption) pairs with the rectified-flow loss.
+
+    Writes `out_dir/text_encoder` and `out_dir/transformer` (safetensors, `save_pretrained`).
+    Returns the trained policy and info: steps done, seconds, final loss, params, loss history,
+    and whether the time budget stopped training early.
+    """
+    # 1. check inputs and build the checkpoints a real run would download
+    video = _check_clips(frames_list, captions)
+    n, frames, height, width, _ = video.shape
+    if height != width:
+        raise ValueError(f"train_base_policy: clips are {width}×{height}; the world's clips are square")
+    out = Path(out_dir)
+    text = build_text_encoder(sorted(set(captions)), out / TEXT_ENCODER_DIR, seed=cfg.seed)
+    build_tiny(
+        "wan", out / TRANSFORMER_DIR, text_dim=text.hidden_size, text_len=text.max_length, frames=frames,
+        height=height, width=width, patch_size=cfg.patch_size, layers=cfg.layers, dim=cfg.dim,
+        head_dim=cfg.head_dim, seed=cfg.seed,
+    )
+    policy = load_policy(out, frames, height)
+    model = policy.transformer
+    model.requires_grad_(True).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    # 2. encode every clip and caption once: the text encoder is frozen and encoding is exact
+    x0 = policy.encode(video)
+    unique = sorted(set(captions))
+    index = {c: i for i, c in enumerate(unique)}
+    bank = policy.encode_text(unique)
+    caption_ids = torch.tensor([index[c] for c in captions])
+    # 3. train
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(n, generator=gen)
+    cursor, history, loss_value, stopped_early = 0, [], float("nan"), False
+    start = time.perf_counter()
+    step = 0
+    for step in range(cfg.steps):
+        if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
+            stopped_early = True
+            break
+        if cursor + cfg.batch_size > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        rows = order[cursor : cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
+        t = sample_timesteps(len(rows), cfg.timesteps, gen)
+        loss = policy.flow_matching_loss(x0[rows], bank.index(caption_ids[rows]), t=t, generator=gen).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        loss_value = float(loss.detach())
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            history.append((step, loss_value))
+    else:
+        step = cfg.steps
+    seconds = time.perf_counter() - start
+    # 4. save and hand back a frozen policy, as `from_pretrained` gives it
+    model.eval().requires_grad_(False)
+    model.save_pretrained(out / TRANSFORMER_DIR, safe_serialization=True)
+    info = {
+        "steps_done": step,
+        "steps_planned": cfg.steps,
+        "stopped_early": stopped_early,
+        "stop_reason": f"time budget of {cfg.time_budget_s} s exceeded" if stopped_early else "all steps done",
+        "seconds": seconds,
+        "seconds_per_step": seconds / max(step, 1),
+        "final_loss": loss_value,
+        "loss_history": history,
+        "params": sum(p.numel() for p in params),
+        "clips": n,
+        "unique_captions": len(unique),
+        "out_dir": str(out),
+    }
+    return policy, info
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Evaluation
+
+
+def judge_samples(
+    policy: Policy,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    spec: WorldSpec,
+    batch_size: int = 32,
+) -> dict:
+    """Sample one video per (prompt, seed) pair, judge each, and report the rates with Wilson 95% intervals."""
+    if isinstance(prompts, str) or len(prompts) != len(seeds) or not prompts:
+        raise ValueError(
+            f"judge_samples: give one seed per prompt, at least one pair; got {len(prompts)} prompts, {len(seeds)} seeds"
+        )
+    judge = PhysicsJudge(spec)
+    frames, verdicts = [], []
+    for i in range(0, len(prompts), batch_size):
+        videos = policy.sample(list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size]))
+        for video, prompt in zip(videos, prompts[i : i + batch_size], strict=True):
+            frames.append(video)
+            verdicts.append(judge.judge(video, prompt))
+    n = len(verdicts)
+    plausible = sum(v.plausible for v in verdicts)
+    agree = sum(v.caption_agreement for v in verdicts)
+    reasons: dict[str, int] = {}
+    for v in verdicts:
+        reasons[v.reason] = reasons.get(v.reason, 0) + 1
+    return {
+        "n": n,
+        "plausibility": plausible / n,
+        "plausibility_ci": wilson_interval(plausible, n),
+        "caption_agreement": agree / n,
+        "caption_agreement_ci": wilson_interval(agree, n),
+        "reasons": reasons,
+        "plausible": [bool(v.plausible) for v in verdicts],
+        "caption_agrees": [bool(v.caption_agreement) for v in verdicts],
+        "frames": frames,
+    }
+
+
+def frame_strip_png(frames_list: Sequence[np.ndarray], path: str | Path, scale: int = 4, gap: int = 2) -> Path:
+    """One row per clip, its frames side by side, upscaled `scale`× with nearest pixels (the clips are 16 px)."""
+    if not frames_list:
+        raise ValueError(f"frame_strip_png: no clips to draw into `{path}`; give at least one")
+    clips = [check_clip(f, where=f"frame_strip_png: clip {i}") for i, f in enumerate(frames_list)]
+    f, h, w, _ = clips[0].shape
+    if any(c.shape != clips[0].shape for c in clips):
+        raise ValueError("frame_strip_png: clips differ in shape; draw clips of one size per strip")
+    sheet = np.full((len(clips) * (h + gap) - gap, f * (w + gap) - gap, 3), 255, np.uint8)
+    for r, clip in enumerate(clips):
+        for c, frame in enumerate(clip):
+            sheet[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = frame
+    sheet = cv2.resize(sheet, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError(f"frame_strip_png: OpenCV could not encode the strip for `{path}`")
+    out = Path(path)
+    atomic_write_bytes(out, png.tobytes())
+    return out
