@@ -59,6 +59,9 @@ class BasePolicyTrainConfig(BaseModel):
     dim: int = Field(128, ge=32, description="transformer width; 128 (~1M params) made recognisable balls")
     head_dim: int = Field(32, ge=8, description="channels per attention head; dim 128 → 4 heads")
     patch_size: tuple[int, int, int] = Field((1, 4, 4), description="(t, h, w) patch; (1,4,4) gives 128 tokens per 8×16×16 clip")
+    caption_dropout: float = Field(
+        0.1, ge=0, lt=1, description="share of clips trained on the empty prompt, so CFG's unconditional branch is learnt (SD/Wan's 0.1)"
+    )
     seed: int = Field(0, description="seeds the initial weights, the batch order, t and ε")
     time_budget_s: float | None = Field(
         None, gt=0, description="stop training after this many seconds (info says so); None: run all steps"
@@ -169,8 +172,9 @@ def train_base_policy(
     x0 = policy.encode(video)
     unique = sorted(set(captions))
     index = {c: i for i, c in enumerate(unique)}
-    bank = policy.encode_text(unique)
+    bank = policy.encode_text(unique + [""])  # the last entry is the empty prompt of caption dropout
     caption_ids = torch.tensor([index[c] for c in captions])
+    empty_id = len(unique)
     # 3. train
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -189,7 +193,9 @@ def train_base_policy(
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         t = sample_timesteps(len(rows), cfg.timesteps, gen)
-        loss = policy.flow_matching_loss(x0[rows], bank.index(caption_ids[rows]), t=t, generator=gen).mean()
+        ids = caption_ids[rows]
+        ids = torch.where(torch.rand(len(rows), generator=gen) < cfg.caption_dropout, empty_id, ids)
+        loss = policy.flow_matching_loss(x0[rows], bank.index(ids), t=t, generator=gen).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
