@@ -1,0 +1,348 @@
+"""`generate`: K samples per prompt from the current policy, the raw material of preference pairs.
+
+IPO samples K = 8 videos per prompt with the policy of the round; the critic ranks them and the
+best and worst form a pair. Every sample's seed is derived from (config seed, round, prompt, k),
+so a rerun, a retried shard or another machine draws the same video. Each sample is written as
+an mp4 (what critics and people look at) and as a latent safetensors file (what `finetune`
+trains on, so training never re-encodes a lossy mp4).
+
+The work is cut into shards of `shard_size` samples. A Ray actor pool (one policy loaded per
+actor, `num_gpus` per actor from `infra/resources.py`) samples a shard in batches and records it
+in `shards/shard-NNNNN.json` after its files are on disk; a restarted stage keeps every shard
+whose record matches its cache key and samples only the rest. Actors that die are restarted by
+Ray and their shard is retried; files are written atomically and named by generation id, so a
+retry overwrites, never duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from data_contracts import Lineage, ManifestRef, RunLayout, StageDir, read_manifest, write_manifest
+from data_contracts.lineage import atomic_write_bytes, atomic_write_json
+from models.policy import PolicyConfig
+from tasks.common import StageConfig, StageResult
+
+SHARD_RECORD_VERSION = 1
+
+
+class GenerateConfig(StageConfig):
+    prompts: Literal["train", "heldout"] = Field(
+        "train", description="captions of this split of the `videos` manifest are the prompts (held-out ones stay for evaluate)"
+    )
+    prompt_file: str | None = Field(None, description="a UTF-8 text file, one prompt per line; replaces `prompts`")
+    max_prompts: int | None = Field(64, ge=1, description="first N distinct prompts in sorted order (None: all)")
+    samples_per_prompt: int = Field(8, ge=1, description="K samples per prompt; IPO samples 8")
+    steps: int | None = Field(None, ge=1, description="Euler steps; None: the policy's own default")
+    guidance: float | None = Field(None, ge=1.0, description="CFG scale; None: the policy's own default")
+    seed: int = Field(0, description="base of every sample's seed (seed = hash(seed, round, prompt, k))")
+    shard_size: int = Field(32, ge=1, description="samples per shard: the unit of work, retry and resume")
+    batch_size: int = Field(16, ge=1, description="samples per sampling call of an actor")
+    actors: int | None = Field(None, ge=1, description="policy actors; None: the `generate` row of infra/resources.py")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per actor; None: infra/resources.py (clamped to what exists)")
+    write_latents: bool = Field(True, description="cache each sample's latents (safetensors) for training")
+    policy: PolicyConfig | None = Field(
+        None, description="the policy to sample (hub ids or folders); None: the policy in the input `checkpoints`"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The pure core: prompts, ids, seeds, shards
+
+
+def prompt_id(prompt: str) -> str:
+    """A short stable id of a prompt's text."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:12]
+
+
+def sample_seed(base: int, round_: int, prompt: str, k: int) -> int:
+    """The seed of sample k of a prompt: independent of prompt order, shard and worker."""
+    digest = hashlib.sha256(f"{base}/{round_}/{prompt}/{k}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """Non-empty lines of a prompt file; a line with a control character is refused by number."""
+    if not path.is_file():
+        raise FileNotFoundError(f"generate: prompt file `{path}` does not exist; set generate.prompt_file to a text file")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if any(ord(ch) < 32 for ch in text):
+            raise ValueError(f"`{path}`, line {n}: control character in the prompt; remove it")
+        if text:
+            prompts.append(text)
+    if not prompts:
+        raise ValueError(f"`{path}`: no prompts; write one prompt per line")
+    return prompts
+
+
+def plan_samples(prompts: Sequence[str], cfg: GenerateConfig, round_: int) -> list[dict[str, Any]]:
+    """One item per (prompt, k): ids, seed and file names, in a fixed order."""
+    items = []
+    for prompt in prompts:
+        pid = prompt_id(prompt)
+        for k in range(cfg.samples_per_prompt):
+            gid = f"r{round_:02d}-{pid}-{k:02d}"
+            items.append(
+                {"generation_id": gid, "prompt_id": pid, "prompt": prompt, "sample_index": k,
+                 "seed": sample_seed(cfg.seed, round_, prompt, k)}
+            )
+    return items
+
+
+def shards_of(items: Sequence[dict], shard_size: int) -> list[list[dict]]:
+    return [list(items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Sampling one shard (runs inside an actor, or in-process)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    index: int
+    items: list[dict]
+    videos_dir: str
+    latents_dir: str | None
+    record_path: str
+    cache_key: str
+    steps: int | None
+    guidance: float | None
+    batch_size: int
+    fps: float
+
+
+def sample_shard(policy: Any, job: ShardJob) -> dict[str, Any]:
+    """Sample every item of a shard, write its mp4s and latents, then its record (last, atomically)."""
+    import torch
+    from safetensors.torch import save
+
+    from tasks.video_io import write_video
+
+    rows = []
+    for i in range(0, len(job.items), job.batch_size):
+        batch = job.items[i : i + job.batch_size]
+        latents = policy.sample_latents([b["prompt"] for b in batch], [b["seed"] for b in batch], job.steps, job.guidance)
+        videos = policy.decode(latents)
+        for item, latent, video in zip(batch, latents, videos, strict=True):
+            video_path = Path(job.videos_dir) / f"{item['generation_id']}.mp4"
+            write_video(video_path, video, job.fps)
+            latent_path = None
+            if job.latents_dir is not None:
+                latent_path = Path(job.latents_dir) / f"{item['generation_id']}.safetensors"
+                atomic_write_bytes(latent_path, save({"latent": latent.detach().to(torch.float32).cpu().contiguous()}))
+            rows.append({**item, "video_path": str(video_path), "latent_path": None if latent_path is None else str(latent_path)})
+    record = {"version": SHARD_RECORD_VERSION, "cache_key": job.cache_key, "index": job.index, "rows": rows}
+    atomic_write_json(Path(job.record_path), record)
+    return record
+
+
+def finished_shard(record_path: Path, cache_key: str, items: Sequence[dict]) -> list[dict] | None:
+    """The rows of a shard finished earlier with the same cache key and items, files present; else None."""
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    rows = record.get("rows") or []
+    if record.get("cache_key") != cache_key or [r["generation_id"] for r in rows] != [i["generation_id"] for i in items]:
+        return None
+    for r in rows:
+        if not Path(r["video_path"]).is_file() or (r["latent_path"] and not Path(r["latent_path"]).is_file()):
+            return None
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The policy: from the config, or from the `checkpoints` manifest
+
+
+POLICY_CONFIG_FILE = "policy.json"
+
+
+def policy_from_checkpoints(rows: Sequence[Mapping[str, Any]], layout: RunLayout, where: str) -> tuple[PolicyConfig, str | None, str]:
+    """(policy config, LoRA folder or None, policy id) from a `checkpoints` manifest.
+
+    The base row (kind `policy`) points at a folder with `policy.json` (the `PolicyConfig` it was
+    saved with, paths relative to the folder); a `policy_lora` row, when present, is applied on top.
+    """
+    bases = [r for r in rows if r["kind"] == "policy"]
+    loras = [r for r in rows if r["kind"] == "policy_lora"]
+    if len(bases) != 1 or len(loras) > 1:
+        raise ValueError(
+            f"`{where}`: expected one `policy` row and at most one `policy_lora` row, found {len(bases)} and "
+            f"{len(loras)}; point generate at a bootstrap or finetune checkpoints manifest, or set generate.policy"
+        )
+    folder = layout.resolve(bases[0]["path"])
+    cfg_path = folder / POLICY_CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"`{where}`: policy folder `{folder}` has no {POLICY_CONFIG_FILE}; rerun the stage that wrote it")
+    saved = json.loads(cfg_path.read_text())
+    for key in ("transformer", "text_encoder", "vae"):
+        if saved.get(key) and not Path(saved[key]).is_absolute():
+            saved[key] = str(folder / saved[key])
+    lora = str(layout.resolve(loras[0]["path"])) if loras else None
+    policy_id = loras[0]["checkpoint_id"] if loras else bases[0]["checkpoint_id"]
+    return PolicyConfig.model_validate(saved), lora, policy_id
+
+
+def load_sampler(policy_cfg: PolicyConfig, lora: str | None) -> Any:
+    from models.policy import Policy
+
+    policy = Policy.from_pretrained(policy_cfg)
+    if lora is not None:
+        policy.load_lora(lora)
+    return policy
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The edge
+
+
+def select_prompts(inputs: Mapping[str, ManifestRef], cfg: GenerateConfig, layout: RunLayout) -> list[str]:
+    if cfg.prompt_file is not None:
+        prompts = read_prompt_file(Path(cfg.prompt_file))
+    else:
+        videos = read_manifest(inputs["videos"].path, "videos", layout)
+        prompts = sorted({r["caption"] for r in videos.rows() if r["split"] == cfg.prompts and r["caption"]})
+        if not prompts:
+            raise ValueError(
+                f"`{inputs['videos'].path}`: no captions in split `{cfg.prompts}`; choose generate.prompts=train|heldout "
+                "or give generate.prompt_file"
+            )
+    prompts = list(dict.fromkeys(prompts))
+    return prompts[: cfg.max_prompts] if cfg.max_prompts is not None else prompts
+
+
+def run(
+    inputs: Mapping[str, ManifestRef],
+    cfg: GenerateConfig,
+    layout: RunLayout,
+    out: StageDir,
+    lineage: Lineage,
+    *,
+    round: int = 1,
+    ray_address: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    worker_cls: type | None = None,
+) -> StageResult:
+    """Prompts × K samples → mp4s, latents and the `generations` manifest."""
+    # 1. the policy and the plan
+    if cfg.policy is not None:
+        policy_cfg, lora, policy_id = cfg.policy, None, cfg.policy.transformer
+    else:
+        ckpt = read_manifest(inputs["checkpoints"].path, "checkpoints", layout)
+        policy_cfg, lora, policy_id = policy_from_checkpoints(ckpt.rows(), layout, inputs["checkpoints"].path)
+    items = plan_samples(select_prompts(inputs, cfg, layout), cfg, round)
+    steps = policy_cfg.steps if cfg.steps is None else cfg.steps
+    guidance = policy_cfg.guidance_scale if cfg.guidance is None else cfg.guidance
+    videos_dir, latents_dir, records_dir = out.files("videos"), out.files("latents"), out.files("shards")
+    for d in (videos_dir, latents_dir, records_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        ShardJob(
+            index=i, items=shard, videos_dir=str(videos_dir), latents_dir=str(latents_dir) if cfg.write_latents else None,
+            record_path=str(records_dir / f"shard-{i:05d}.json"), cache_key=lineage.cache_key, steps=steps,
+            guidance=guidance, batch_size=cfg.batch_size, fps=policy_fps(policy_cfg),
+        )
+        for i, shard in enumerate(shards_of(items, cfg.shard_size))
+    ]
+    # 2. keep shards finished by an earlier attempt, sample the rest on Ray
+    done: dict[int, list[dict]] = {}
+    for job in jobs:
+        rows = finished_shard(Path(job.record_path), lineage.cache_key, job.items)
+        if rows is not None:
+            done[job.index] = rows
+    resumed = len(done)
+    todo = [j for j in jobs if j.index not in done]
+    if todo:
+        for record in sample_on_ray(
+            todo, policy_cfg, lora, cfg, ray_address, progress, len(done), len(jobs), worker_cls or PolicyWorker
+        ):
+            done[record["index"]] = record["rows"]
+    # 3. the manifest, in plan order
+    rows = []
+    for job in jobs:
+        for r in done[job.index]:
+            rows.append(
+                {**r, "video_path": layout.stored_path(Path(r["video_path"])),
+                 "latent_path": None if r["latent_path"] is None else layout.stored_path(Path(r["latent_path"])),
+                 "first_frame_path": None, "policy_id": policy_id, "steps": steps, "guidance": guidance, "round": round}
+            )
+    ref = write_manifest(rows, "generations", out.manifest_path, layout, lineage)
+    counts = {"prompts": len({r["prompt_id"] for r in rows}), "samples": len(rows), "shards": len(jobs),
+              "shards_resumed": resumed}
+    return StageResult(ref, counts=counts, metrics={"steps": float(steps), "guidance": float(guidance)})
+
+
+def policy_fps(policy_cfg: PolicyConfig) -> float:
+    """Frame rate the mp4s are written at: the embedded world's clip rate (8 frames per second)."""
+    from models.physics_world import WorldSpec
+
+    return WorldSpec().fps
+
+
+def sample_on_ray(
+    jobs: Sequence[ShardJob],
+    policy_cfg: PolicyConfig,
+    lora: str | None,
+    cfg: GenerateConfig,
+    address: str | None,
+    progress: Callable[[int, int], None] | None,
+    already: int,
+    total: int,
+    worker_cls: type,
+):
+    """Yield each shard's record as actors finish it; a dead actor is restarted and its shard retried."""
+    import ray
+
+    from infra.ray_cluster import ray_session
+    from infra.resources import resources_for, torch_device
+
+    overrides = {k: v for k, v in {"actors": cfg.actors, "num_gpus": cfg.num_gpus}.items() if v is not None}
+    with ray_session(address=address):
+        res = resources_for("generate", overrides, gpus_available=ray.cluster_resources().get("GPU", 0.0))
+        device_cfg = policy_cfg.model_copy(update={"device": torch_device(res.num_gpus)}) if policy_cfg.device == "auto" else policy_cfg
+        worker = ray.remote(worker_cls).options(max_restarts=3, max_task_retries=3, **res.ray_options())
+        actors = [worker.remote(device_cfg.model_dump(mode="json"), lora) for _ in range(min(res.actors, len(jobs)))]
+        queue = list(jobs)
+        running = {}
+        for actor in actors:
+            if queue:
+                running[actor.run_shard.remote(queue.pop(0))] = actor
+        finished = already
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(ready[0])
+            record = ray.get(ready[0])
+            finished += 1
+            if progress is not None:
+                progress(finished, total)
+            yield record
+            if queue:
+                running[actor.run_shard.remote(queue.pop(0))] = actor
+        for actor in actors:
+            ray.kill(actor)
+
+
+class PolicyWorker:
+    """A Ray actor holding one policy, loaded once; samples shard after shard."""
+
+    def __init__(self, policy_cfg: dict, lora: str | None) -> None:
+        self.policy = load_sampler(PolicyConfig.model_validate(policy_cfg), lora)
+
+    def run_shard(self, job: ShardJob) -> dict[str, Any]:
+        return sample_shard(self.policy, job)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
