@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from data_contracts import RunLayout
 from data_contracts.lineage import atomic_write_bytes
 from tasks.bootstrap import BootstrapConfig
+from tasks.generate import GenerateConfig
 from tasks.ingest import IngestConfig
 from tasks.select import SelectConfig
 
@@ -32,6 +33,7 @@ class RunSection(BaseModel):
         (), description="folders outside the run that manifests may reference (the ingest source is added itself)"
     )
     task_retries: int = Field(1, ge=0, description="Prefect retries of a failed stage task")
+    rounds: int = Field(1, ge=0, description="alignment rounds after select (IPO runs 3); each round is generate → … today generate only")
     ray_address: str | None = Field(
         None, description="join this Ray cluster (host:port or ray://host:port); None starts a local Ray per stage"
     )
@@ -44,6 +46,7 @@ class RunConfig(BaseModel):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
     def layout(self, runs_root: Path, name: str) -> RunLayout:
         roots = [Path(p) for p in self.run.data_roots]

@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from pydantic import ValidationError
 
 from data_contracts import ContractError, ManifestRef, RunLayout, StageDir, completed_ref
 from flows.config import RunConfig
-from tasks import bootstrap, ingest, select
+from tasks import bootstrap, generate, ingest, select
 from tasks.common import StageConfig, execute_stage, stage_lineage
 
 
@@ -109,16 +114,18 @@ def ingest_flow(run: str, runs_root: str, config: dict[str, Any], force: bool = 
     return ref.__dict__
 
 
-def _upstream(layout: RunLayout, stage: str, run: str, runs_root: str, config: dict[str, Any]) -> ManifestRef:
+def _upstream(
+    layout: RunLayout, stage: str, run: str, runs_root: str, config: dict[str, Any], round: int | None = None
+) -> ManifestRef:
     """The output of an earlier stage of this run; a stage that never completed runs first (as a
     subflow), so `prefloop stage select --run demo` works right after `ingest`."""
     from data_contracts import manifest_ref, read_marker
 
-    stage_dir = layout.stage(stage)
+    stage_dir = layout.stage(stage, round)
     marker = read_marker(stage_dir)
     if not marker or marker.get("status") != "complete" or not stage_dir.manifest_path.exists():
-        get_run_logger().info("run %s has no complete `%s` stage: running it first", layout.run, stage)
-        STAGE_FLOWS[stage](run, runs_root, config)
+        get_run_logger().info("run %s has no complete `%s` stage: running it first", layout.run, stage_dir.label)
+        STAGE_FLOWS[stage](run, runs_root, config, **({} if round is None else {"round": round}))
         marker = read_marker(stage_dir) or {}
     return manifest_ref(stage_dir.manifest_path, marker["manifest"]["kind"])
 
@@ -144,4 +151,45 @@ def select_flow(run: str, runs_root: str, config: dict[str, Any], force: bool = 
     return ref.__dict__
 
 
-STAGE_FLOWS = {"ingest": ingest_flow, "bootstrap": bootstrap_flow, "select": select_flow}
+def progress_reporter(layout: RunLayout, out: StageDir) -> Callable[[int, int], None]:
+    """A callback that keeps one Prefect progress artifact of the stage up to date."""
+    state: dict[str, Any] = {}
+
+    def report(done: int, total: int) -> None:
+        value = 100.0 * done / max(total, 1)
+        text = f"{out.label} of run `{layout.run}`: {done}/{total} shards"
+        if "id" not in state:
+            key = f"{layout.run}-{out.label}-progress".lower().replace("/", "-").replace("_", "-")
+            state["id"] = create_progress_artifact(progress=value, key=key, description=text)
+        else:
+            update_progress_artifact(state["id"], progress=value, description=text)
+
+    return report
+
+
+def _policy_checkpoints(layout: RunLayout, round: int, run: str, runs_root: str, config: dict[str, Any]) -> ManifestRef:
+    """The policy a round samples with: the base policy from bootstrap in round 1."""
+    if round == 1:
+        return _upstream(layout, "bootstrap", run, runs_root, config)
+    raise ValueError(
+        f"round {round}: the policy of round {round - 1} comes from `finetune`, which is not built yet; "
+        "run round 1, or set generate.policy to a checkpoint"
+    )
+
+
+@flow(name="generate", flow_run_name="{run}/round-{round}/generate")
+def generate_flow(run: str, runs_root: str, config: dict[str, Any], round: int = 1, force: bool = False) -> dict[str, str]:
+    """The round's policy samples K videos per prompt → `generations` (mp4s + latents)."""
+    cfg, layout = _layout(run, runs_root, config)
+    inputs = {"videos": _upstream(layout, "ingest", run, runs_root, config)}
+    if cfg.generate.policy is None:
+        inputs["checkpoints"] = _policy_checkpoints(layout, round, run, runs_root, config)
+    out = layout.stage("generate", round)
+    run_fn = functools.partial(
+        generate.run, round=round, ray_address=cfg.run.ray_address, progress=progress_reporter(layout, out)
+    )
+    ref = run_stage(run_fn, cfg.generate, layout, out, inputs, cfg.run.task_retries, force)
+    return ref.__dict__
+
+
+STAGE_FLOWS = {"ingest": ingest_flow, "bootstrap": bootstrap_flow, "select": select_flow, "generate": generate_flow}

@@ -126,6 +126,40 @@ class PolicyConfig(BaseModel):
         return self
 
 
+POLICY_CONFIG_FILE = "policy.json"
+
+
+def save_policy_folder(folder: str | Path, cfg: PolicyConfig) -> Path:
+    """Write `folder/policy.json`: the `PolicyConfig` a policy folder loads with, paths inside the
+    folder stored relative to it (so a run folder can move)."""
+    root = Path(folder).absolute()
+    data = cfg.model_dump(mode="json")
+    for key in ("transformer", "text_encoder", "vae"):
+        value = data.get(key)
+        if value and Path(value).is_absolute() and Path(value).is_relative_to(root):
+            data[key] = Path(value).relative_to(root).as_posix()
+    path = root / POLICY_CONFIG_FILE
+    atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
+    return path
+
+
+def load_policy_folder_config(folder: str | Path) -> PolicyConfig:
+    """The `PolicyConfig` of a folder written by `save_policy_folder`, relative paths resolved."""
+    root = Path(folder).absolute()
+    path = root / POLICY_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"policy: `{root}` has no {POLICY_CONFIG_FILE}; rerun the stage that wrote the policy")
+    data = json.loads(path.read_text())
+    for key in ("transformer", "text_encoder", "vae"):
+        value = data.get(key)
+        if value and (root / value).exists():
+            data[key] = str(root / value)
+    try:
+        return PolicyConfig.model_validate(data)
+    except ValueError as err:
+        raise ValueError(f"`{path}`: not a valid policy config: {err}") from err
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -59,6 +59,9 @@ class BasePolicyTrainConfig(BaseModel):
     dim: int = Field(128, ge=32, description="transformer width; 128 (~1M params) made recognisable balls")
     head_dim: int = Field(32, ge=8, description="channels per attention head; dim 128 → 4 heads")
     patch_size: tuple[int, int, int] = Field((1, 4, 4), description="(t, h, w) patch; (1,4,4) gives 128 tokens per 8×16×16 clip")
+    ema_decay: float | None = Field(
+        0.995, gt=0, lt=1, description="sample from an exponential moving average of the weights (None: the last weights); short runs gain most"
+    )
     caption_dropout: float = Field(
         0.1, ge=0, lt=1, description="share of clips trained on the empty prompt, so CFG's unconditional branch is learnt (SD/Wan's 0.1)"
     )
@@ -144,12 +147,16 @@ def load_policy(out_dir: str | Path, frames: int = 8, size: int = 16) -> Policy:
 
 
 def train_base_policy(
-    frames_list: Sequence[np.ndarray], captions: Sequence[str], out_dir: str | Path, cfg: BasePolicyTrainConfig
+    frames_list: Sequence[np.ndarray],
+    captions: Sequence[str],
+    out_dir: str | Path,
+    cfg: BasePolicyTrainConfig,
+    on_log: Callable[[int, float], None] | None = None,
 ) -> tuple[Policy, dict]:
     """Train a tiny pixel-space Wan on (clip, caption) pairs with the rectified-flow loss.
 
     Writes `out_dir/text_encoder` and `out_dir/transformer` (safetensors, `save_pretrained`).
-    Returns the trained policy and info: steps done, seconds, final loss, params, loss history,
+    `on_log(step, loss)` is called every `log_every` steps (progress reports). Returns the trained policy and info: steps done, seconds, final loss, params, loss history,
     and whether the time budget stopped training early.
     """
     # 1. check inputs and build the checkpoints a real run would download
@@ -179,6 +186,7 @@ def train_base_policy(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=gen)
+    ema = [p.detach().clone() for p in params] if cfg.ema_decay is not None else None
     cursor, history, loss_value, stopped_early = 0, [], float("nan"), False
     start = time.perf_counter()
     step = 0
@@ -200,13 +208,24 @@ def train_base_policy(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        if ema is not None:
+            # warm-up as in Keras/timm: early averages do not drag in the random initial weights
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         loss_value = float(loss.detach())
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             history.append((step, loss_value))
+            if on_log is not None:
+                on_log(step, loss_value)
     else:
         step = cfg.steps
     seconds = time.perf_counter() - start
     # 4. save and hand back a frozen policy, as `from_pretrained` gives it
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema, strict=True):
+                p.copy_(e)
     model.eval().requires_grad_(False)
     model.save_pretrained(out / TRANSFORMER_DIR, safe_serialization=True)
     info = {
@@ -217,6 +236,7 @@ def train_base_policy(
         "seconds": seconds,
         "seconds_per_step": seconds / max(step, 1),
         "final_loss": loss_value,
+        "ema_decay": cfg.ema_decay,
         "loss_history": history,
         "params": sum(p.numel() for p in params),
         "clips": n,

@@ -3,27 +3,49 @@
 A real run names an open_clip architecture with pretrained weights and a hub T2V checkpoint; the
 embedded world cannot download either, so this stage trains them from scratch on the ingested,
 *unselected* clips — like models pretrained on unfiltered web video — and records them in a
-`checkpoints` manifest. Today it trains the tiny open_clip model that `select` scores
-frame–caption similarity with; `select` loads it by path through `open_clip.create_model`,
-the same call a real run makes with a hub tag.
+`checkpoints` manifest:
+
+- the tiny open_clip model that `select` scores frame–caption similarity with; `select` loads it
+  by path through `open_clip.create_model`, the same call a real run makes with a hub tag;
+- the base policy: a pixel-space `WanTransformer3DModel` and its text encoder, trained with the
+  rectified-flow loss on a mix of plausible and implausible clips, so that it makes both. Its
+  samples for held-out prompts are judged (plausibility with a 95% interval, the room left for
+  alignment) and drawn as a frame strip. `generate` loads it through `Policy.from_pretrained`
+  from the folder's `policy.json`, as a real run loads a hub checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 from pydantic import Field
 
 from data_contracts import Lineage, ManifestRef, RunLayout, StageDir, read_manifest, write_manifest
 from models.clip_model import TinyClipConfig, save_clip, train_clip
+from models.physics_world import WorldSpec
+from models.policy import PolicyConfig, save_policy_folder
+from models.policy_training import (
+    TEXT_ENCODER_DIR,
+    TRANSFORMER_DIR,
+    BasePolicyTrainConfig,
+    frame_strip_png,
+    judge_samples,
+    train_base_policy,
+)
 from tasks.common import StageConfig, StageResult
 from tasks.video_io import read_video
 
 
 class BootstrapConfig(StageConfig):
     clip: TinyClipConfig = Field(default_factory=TinyClipConfig, description="the tiny CLIP and its training")
+    policy: BasePolicyTrainConfig = Field(default_factory=BasePolicyTrainConfig, description="the tiny base policy and its training")
+    train_policy: bool = Field(True, description="train the base policy (false: the CLIP only, for select-only runs)")
+    judge_samples: int = Field(
+        256, ge=0, description="base-policy samples judged on held-out prompts (256: a 95% interval of about ±5 points)"
+    )
     max_clips: int | None = Field(None, ge=2, description="cap on training clips (None: every usable training clip)")
     seed: int = Field(0, description="training is deterministic for a seed")
 
@@ -48,22 +70,89 @@ def run(inputs: Mapping[str, ManifestRef], cfg: BootstrapConfig, layout: RunLayo
     clip_dir = out.files("clip")
     save_clip(clip, clip_dir)
     info = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in clip.train_info.items() if np.isscalar(v)}
-    ref = write_manifest(
-        [
-            {
-                "checkpoint_id": "clip",
-                "kind": "clip",
-                "format": "open_clip",
-                "path": layout.stored_path(clip_dir),
-                "base_id": cfg.clip.model_name,
-                "round": None,
-                "metrics_json": json.dumps(info, sort_keys=True),
-            }
-        ],
-        "checkpoints",
-        out.manifest_path,
-        layout,
-        lineage,
-    )
+    checkpoints = [
+        {
+            "checkpoint_id": "clip",
+            "kind": "clip",
+            "format": "open_clip",
+            "path": layout.stored_path(clip_dir),
+            "base_id": cfg.clip.model_name,
+            "round": None,
+            "metrics_json": json.dumps(info, sort_keys=True),
+        }
+    ]
     metrics = {f"clip_{k}": float(v) for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return StageResult(ref, counts={"training_clips": len(rows)}, metrics=metrics)
+    counts = {"training_clips": len(rows)}
+    images: dict[str, str] = {}
+    if cfg.train_policy:
+        heldout = sorted({r["caption"] for r in videos.rows() if r["split"] == "heldout" and r["caption"]})
+        row, policy_metrics, strip = bootstrap_policy(frames, [r["caption"] for r in rows], heldout, cfg, layout, out)
+        checkpoints.append(row)
+        metrics.update(policy_metrics)
+        counts["policy_training_clips"] = int(policy_metrics.pop("policy_clips"))
+        if strip is not None:
+            images["base policy samples (held-out prompts; rows: prompt/seed)"] = str(strip)
+    ref = write_manifest(checkpoints, "checkpoints", out.manifest_path, layout, lineage)
+    return StageResult(ref, counts=counts, metrics=metrics, images=images)
+
+
+def full_length(frames: list[np.ndarray], captions: list[str]) -> tuple[list[np.ndarray], list[str], tuple[int, ...]]:
+    """The clips of the most common shape (the world's frames × size): the policy trains on one shape;
+    clips cut short (the world's `too_short` defect) are left out."""
+    shapes = [f.shape for f in frames]
+    shape = max(set(shapes), key=shapes.count)
+    keep = [i for i, s in enumerate(shapes) if s == shape]
+    return [frames[i] for i in keep], [captions[i] for i in keep], shape
+
+
+def bootstrap_policy(
+    frames: list[np.ndarray], captions: list[str], heldout: list[str], cfg: BootstrapConfig, layout: RunLayout, out: StageDir
+) -> tuple[dict, dict[str, float], Path | None]:
+    """Train the base policy, judge its samples for held-out prompts, draw a frame strip."""
+    # 1. train on every full-length training clip
+    clips, caps, shape = full_length(frames, captions)
+    policy_dir = out.files("policy")
+    policy, info = train_base_policy(clips, caps, policy_dir, cfg.policy)
+    n_frames, size = shape[0], shape[1]
+    save_policy_folder(
+        policy_dir,
+        PolicyConfig(family="wan", transformer=str(policy_dir / TRANSFORMER_DIR), text_encoder=str(policy_dir / TEXT_ENCODER_DIR),
+                     device="auto", frames=n_frames, height=size, width=size),
+    )
+    metrics = {
+        "policy_clips": float(len(clips)),
+        "policy_params": float(info["params"]),
+        "policy_steps": float(info["steps_done"]),
+        "policy_train_seconds": round(info["seconds"], 2),
+        "policy_final_loss": round(info["final_loss"], 5),
+    }
+    # 2. judge samples for held-out prompts: the rate alignment starts from
+    strip = None
+    if cfg.judge_samples and heldout:
+        prompts = [heldout[i % len(heldout)] for i in range(cfg.judge_samples)]
+        seeds = list(range(cfg.judge_samples))
+        spec = WorldSpec(size=size, frames=n_frames)
+        judged = judge_samples(policy, prompts, seeds, spec)
+        low, high = judged["plausibility_ci"]
+        metrics.update(
+            policy_judged_samples=float(judged["n"]),
+            policy_plausibility=round(judged["plausibility"], 4),
+            policy_plausibility_ci_low=round(low, 4),
+            policy_plausibility_ci_high=round(high, 4),
+            policy_caption_agreement=round(judged["caption_agreement"], 4),
+        )
+        # one row per held-out prompt, its first two seeds side by side in the strip's rows
+        order = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
+        picked = [i for i in order if i < 2 * len(heldout)][:12]
+        strip = frame_strip_png([judged["frames"][i] for i in picked], out.files("figures") / "base_policy_samples.png")
+    summary = {k: v for k, v in metrics.items() if k != "policy_clips"}
+    row = {
+        "checkpoint_id": "base",
+        "kind": "policy",
+        "format": "diffusers",
+        "path": layout.stored_path(policy_dir),
+        "base_id": "prefloop-world-wan",
+        "round": None,
+        "metrics_json": json.dumps(summary, sort_keys=True),
+    }
+    return row, metrics, strip

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field
 
 from data_contracts import Lineage, ManifestRef, RunLayout, StageDir, read_manifest, write_manifest
 from data_contracts.lineage import atomic_write_bytes, atomic_write_json
-from models.policy import PolicyConfig
+from models.policy import PolicyConfig, load_policy_folder_config
 from tasks.common import StageConfig, StageResult
 
 SHARD_RECORD_VERSION = 1
@@ -165,9 +164,6 @@ def finished_shard(record_path: Path, cache_key: str, items: Sequence[dict]) -> 
 # 3. The policy: from the config, or from the `checkpoints` manifest
 
 
-POLICY_CONFIG_FILE = "policy.json"
-
-
 def policy_from_checkpoints(rows: Sequence[Mapping[str, Any]], layout: RunLayout, where: str) -> tuple[PolicyConfig, str | None, str]:
     """(policy config, LoRA folder or None, policy id) from a `checkpoints` manifest.
 
@@ -181,17 +177,10 @@ def policy_from_checkpoints(rows: Sequence[Mapping[str, Any]], layout: RunLayout
             f"`{where}`: expected one `policy` row and at most one `policy_lora` row, found {len(bases)} and "
             f"{len(loras)}; point generate at a bootstrap or finetune checkpoints manifest, or set generate.policy"
         )
-    folder = layout.resolve(bases[0]["path"])
-    cfg_path = folder / POLICY_CONFIG_FILE
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"`{where}`: policy folder `{folder}` has no {POLICY_CONFIG_FILE}; rerun the stage that wrote it")
-    saved = json.loads(cfg_path.read_text())
-    for key in ("transformer", "text_encoder", "vae"):
-        if saved.get(key) and not Path(saved[key]).is_absolute():
-            saved[key] = str(folder / saved[key])
+    policy_cfg = load_policy_folder_config(layout.resolve(bases[0]["path"]))
     lora = str(layout.resolve(loras[0]["path"])) if loras else None
     policy_id = loras[0]["checkpoint_id"] if loras else bases[0]["checkpoint_id"]
-    return PolicyConfig.model_validate(saved), lora, policy_id
+    return policy_cfg, lora, policy_id
 
 
 def load_sampler(policy_cfg: PolicyConfig, lora: str | None) -> Any:

@@ -22,7 +22,12 @@ def prefloop(*args: str, runs_root: Path, check: bool = True) -> subprocess.Comp
 
 
 # A whole run in seconds: a small world, a CLIP trained for a few steps.
-TINY = ("--set", "ingest.world.num_clips=24", "--set", "bootstrap.clip.steps=3", "--set", "bootstrap.clip.batch_size=8")
+TINY = (
+    "--set", "ingest.world.num_clips=24", "--set", "bootstrap.clip.steps=3", "--set", "bootstrap.clip.batch_size=8",
+    "--set", "bootstrap.policy.steps=2", "--set", "bootstrap.policy.batch_size=4", "--set", "bootstrap.policy.layers=1",
+    "--set", "bootstrap.policy.dim=32", "--set", "bootstrap.policy.head_dim=16", "--set", "bootstrap.judge_samples=4",
+    "--set", "generate.max_prompts=2", "--set", "generate.samples_per_prompt=2", "--set", "generate.steps=2",
+)
 
 
 def test_help_is_fast_and_imports_no_framework():

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_contracts import Lineage, RunLayout, read_manifest, write_manifest
-from models.policy import Policy, PolicyConfig, build_tiny
+from models.policy import Policy, PolicyConfig, build_tiny, save_policy_folder
 from models.text_encoder import build_text_encoder
 from tasks import generate
 from tasks.generate import GenerateConfig, plan_samples, read_prompt_file, sample_seed
@@ -37,9 +37,8 @@ def run(tmp_path):
     folder = boot.files("policy")
     text = build_text_encoder(PROMPTS, folder / "text_encoder")
     build_tiny("wan", folder / "transformer", text_dim=text.hidden_size, text_len=text.max_length, layers=1, dim=32, head_dim=16)
-    (folder / "policy.json").write_text(
-        json.dumps({"family": "wan", "transformer": "transformer", "text_encoder": "text_encoder", "steps": 3, "guidance_scale": 2.0})
-    )
+    save_policy_folder(folder, PolicyConfig(family="wan", transformer=str(folder / "transformer"),
+                                            text_encoder=str(folder / "text_encoder"), steps=3, guidance_scale=2.0))
     ckpt = write_manifest(
         [{"checkpoint_id": "base", "kind": "policy", "format": "diffusers", "path": layout.stored_path(folder),
           "base_id": "tiny", "round": None, "metrics_json": None}],

@@ -55,6 +55,7 @@ def world(tmp_path_factory, ray_local):
             f"ingest.world.defect_rates={RATES}",
             "bootstrap.clip.steps=30",
             "bootstrap.clip.batch_size=32",
+            "bootstrap.train_policy=false",
         ],
     )
     videos = execute_stage(ingest.run, layout, layout.stage("ingest"), cfg.ingest, {}).manifest
