@@ -21,7 +21,9 @@ from data_contracts.lineage import atomic_write_bytes
 from tasks.bootstrap import BootstrapConfig
 from tasks.generate import GenerateConfig
 from tasks.ingest import IngestConfig
+from tasks.label import LabelConfig
 from tasks.select import SelectConfig
+from tasks.train_reward import TrainRewardConfig
 
 
 class RunSection(BaseModel):
@@ -47,6 +49,8 @@ class RunConfig(BaseModel):
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    train_reward: TrainRewardConfig = Field(default_factory=TrainRewardConfig)
 
     def layout(self, runs_root: Path, name: str) -> RunLayout:
         roots = [Path(p) for p in self.run.data_roots]

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from data_contracts import ContractError, ManifestRef, RunLayout, StageDir, completed_ref
 from flows.config import RunConfig
-from tasks import bootstrap, generate, ingest, select
+from tasks import bootstrap, generate, ingest, label, select, train_reward
 from tasks.common import StageConfig, execute_stage, stage_lineage
 
 
@@ -151,13 +151,13 @@ def select_flow(run: str, runs_root: str, config: dict[str, Any], force: bool = 
     return ref.__dict__
 
 
-def progress_reporter(layout: RunLayout, out: StageDir) -> Callable[[int, int], None]:
+def progress_reporter(layout: RunLayout, out: StageDir, unit: str = "shards") -> Callable[[int, int], None]:
     """A callback that keeps one Prefect progress artifact of the stage up to date."""
     state: dict[str, Any] = {}
 
     def report(done: int, total: int) -> None:
         value = 100.0 * done / max(total, 1)
-        text = f"{out.label} of run `{layout.run}`: {done}/{total} shards"
+        text = f"{out.label} of run `{layout.run}`: {done}/{total} {unit}"
         if "id" not in state:
             key = f"{layout.run}-{out.label}-progress".lower().replace("/", "-").replace("_", "-")
             state["id"] = create_progress_artifact(progress=value, key=key, description=text)
@@ -192,4 +192,36 @@ def generate_flow(run: str, runs_root: str, config: dict[str, Any], round: int =
     return ref.__dict__
 
 
-STAGE_FLOWS = {"ingest": ingest_flow, "bootstrap": bootstrap_flow, "select": select_flow, "generate": generate_flow}
+@flow(name="label", flow_run_name="{run}/round-{round}/label")
+def label_flow(run: str, runs_root: str, config: dict[str, Any], round: int = 1, force: bool = False) -> dict[str, str]:
+    """The critic scores the round's generations and labels best-vs-worst pairs → `labels`."""
+    cfg, layout = _layout(run, runs_root, config)
+    inputs = {"generations": _upstream(layout, "generate", run, runs_root, config, round)}
+    if cfg.label.critic == "reward_model" and cfg.label.reward_model is None:
+        inputs["checkpoints"] = _upstream(layout, "train_reward", run, runs_root, config, round)
+    out = layout.stage("label", round)
+    run_fn = functools.partial(label.run, round=round, ray_address=cfg.run.ray_address, progress=progress_reporter(layout, out, "batches"))
+    ref = run_stage(run_fn, cfg.label, layout, out, inputs, cfg.run.task_retries, force)
+    return ref.__dict__
+
+
+@flow(name="train_reward", flow_run_name="{run}/round-{round}/train_reward")
+def train_reward_flow(run: str, runs_root: str, config: dict[str, Any], round: int = 1, force: bool = False) -> dict[str, str]:
+    """Bradley-Terry-with-ties reward model on the round's labels → `checkpoints` (reward_model)."""
+    cfg, layout = _layout(run, runs_root, config)
+    inputs = {"labels": _upstream(layout, "label", run, runs_root, config, round)}
+    if cfg.train_reward.init_clip == "world":
+        inputs["checkpoints"] = _upstream(layout, "bootstrap", run, runs_root, config)
+    run_fn = functools.partial(train_reward.run, round=round)
+    ref = run_stage(run_fn, cfg.train_reward, layout, layout.stage("train_reward", round), inputs, cfg.run.task_retries, force)
+    return ref.__dict__
+
+
+STAGE_FLOWS = {
+    "ingest": ingest_flow,
+    "bootstrap": bootstrap_flow,
+    "select": select_flow,
+    "generate": generate_flow,
+    "label": label_flow,
+    "train_reward": train_reward_flow,
+}
