@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from data_contracts import ContractError, ManifestRef, RunLayout, StageDir, completed_ref
 from flows.config import RunConfig
-from tasks import bootstrap, generate, ingest, label, select, train_reward
+from tasks import bootstrap, finetune, generate, ingest, label, select, train_reward
 from tasks.common import StageConfig, execute_stage, stage_lineage
 
 
@@ -168,13 +168,10 @@ def progress_reporter(layout: RunLayout, out: StageDir, unit: str = "shards") ->
 
 
 def _policy_checkpoints(layout: RunLayout, round: int, run: str, runs_root: str, config: dict[str, Any]) -> ManifestRef:
-    """The policy a round samples with: the base policy from bootstrap in round 1."""
+    """The policy a round starts from: bootstrap's base in round 1, the previous round's finetune after."""
     if round == 1:
         return _upstream(layout, "bootstrap", run, runs_root, config)
-    raise ValueError(
-        f"round {round}: the policy of round {round - 1} comes from `finetune`, which is not built yet; "
-        "run round 1, or set generate.policy to a checkpoint"
-    )
+    return _upstream(layout, "finetune", run, runs_root, config, round - 1)
 
 
 @flow(name="generate", flow_run_name="{run}/round-{round}/generate")
@@ -217,6 +214,35 @@ def train_reward_flow(run: str, runs_root: str, config: dict[str, Any], round: i
     return ref.__dict__
 
 
+def step_logger(label: str, every: int = 25) -> Callable[[dict], None]:
+    """Log a training step's record to the flow run every `every` steps (and the first)."""
+    logger = get_run_logger()
+
+    def log(record: dict) -> None:
+        if record["step"] % every == 0:
+            shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items() if v is not None}
+            logger.info("%s step %s", label, shown)
+
+    return log
+
+
+@flow(name="finetune", flow_run_name="{run}/round-{round}/finetune")
+def finetune_flow(run: str, runs_root: str, config: dict[str, Any], round: int = 1, force: bool = False) -> dict[str, str]:
+    """LoRA preference fine-tuning (Flow-DPO by default) on the round's pairs → `checkpoints` (policy + LoRA)."""
+    cfg, layout = _layout(run, runs_root, config)
+    inputs = {
+        "labels": _upstream(layout, "label", run, runs_root, config, round),
+        "generations": _upstream(layout, "generate", run, runs_root, config, round),
+        "checkpoints": _policy_checkpoints(layout, round, run, runs_root, config),
+    }
+    if cfg.finetune.train.lambda2 > 0:
+        inputs["selection"] = _upstream(layout, "select", run, runs_root, config)
+    out = layout.stage("finetune", round)
+    run_fn = functools.partial(finetune.run, round=round, on_step=step_logger(out.label))
+    ref = run_stage(run_fn, cfg.finetune, layout, out, inputs, cfg.run.task_retries, force)
+    return ref.__dict__
+
+
 STAGE_FLOWS = {
     "ingest": ingest_flow,
     "bootstrap": bootstrap_flow,
@@ -224,4 +250,5 @@ STAGE_FLOWS = {
     "generate": generate_flow,
     "label": label_flow,
     "train_reward": train_reward_flow,
+    "finetune": finetune_flow,
 }

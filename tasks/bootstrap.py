@@ -41,7 +41,10 @@ from tasks.video_io import read_video
 
 class BootstrapConfig(StageConfig):
     clip: TinyClipConfig = Field(default_factory=TinyClipConfig, description="the tiny CLIP and its training")
-    policy: BasePolicyTrainConfig = Field(default_factory=BasePolicyTrainConfig, description="the tiny base policy and its training")
+    policy: BasePolicyTrainConfig = Field(
+        default_factory=lambda: BasePolicyTrainConfig(time_budget_s=250.0),
+        description="the tiny base policy and its training; 250 s of training keeps the stage within 6 minutes on 2 cores",
+    )
     train_policy: bool = Field(True, description="train the base policy (false: the CLIP only, for select-only runs)")
     judge_samples: int = Field(
         256, ge=0, description="base-policy samples judged on held-out prompts (256: a 95% interval of about ±5 points)"

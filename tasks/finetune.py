@@ -1,0 +1,217 @@
+"""`finetune`: preference fine-tuning of the round's policy (LoRA) on the round's labelled pairs.
+
+Flow-DPO by default (VideoAlign, arXiv 2501.13918), or Diffusion-DPO, IPO's squared loss, KTO,
+Flow-RWR or SFT on winners (`train.method`); `models/preference_training.py` holds the loop and
+`models/losses/` the losses. Pairs come from `labels`; a pair is oriented by `prefer` (which
+dimensions decide chosen vs. rejected; ties, `invalid` labels and conflicts are left out of DPO,
+as IPO keeps ties for the reward model only) and trains on the latents `generate` cached, so no
+mp4 is decoded. With `train.lambda2 > 0` the round's selected real videos (PhysHPO, IPO) join as
+a flow-matching regulariser. The output `checkpoints` manifest holds the base policy row and the
+new LoRA row, which is what `generate` of the next round samples with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from data_contracts import Lineage, ManifestRef, RunLayout, StageDir, read_manifest, write_manifest
+from models.preference_training import (
+    PreferenceData,
+    PreferenceTrainConfig,
+    save_preference_checkpoint,
+    train_preference,
+)
+from tasks.common import StageConfig, StageResult
+from tasks.generate import load_sampler, policy_from_checkpoints
+
+PREFER_RULES = ("mq_ta", "mq", "overall")
+
+
+class FinetuneConfig(StageConfig):
+    train: PreferenceTrainConfig = Field(default_factory=PreferenceTrainConfig, description="method, β, LoRA and optimiser")
+    prefer: Literal["mq_ta", "mq", "overall"] = Field(
+        "mq_ta",
+        description="mq_ta: MQ decides and TA must not disagree (ENVIRONMENT.md: winners on motion alone lost caption "
+        "agreement); mq: MQ alone; overall: A is chosen (label's overall-score order) unless a dimension says B",
+    )
+    max_pairs: int | None = Field(None, ge=1, description="use at most this many pairs (None: all usable pairs)")
+    max_real_videos: int = Field(256, ge=1, description="selected real clips kept for the λ2 regulariser")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The pure core: which way a pair points
+
+
+def orient(row: Mapping[str, Any], rule: str) -> str | None:
+    """`A` or `B` (the chosen video) of a labelled pair under `rule`, or None when the labels do not decide."""
+    mq, ta, vq = row.get("label_mq"), row.get("label_ta"), row.get("label_vq")
+    if rule == "mq":
+        return mq if mq in ("A", "B") else None
+    if rule == "mq_ta":
+        if mq not in ("A", "B"):
+            return None
+        other = "B" if mq == "A" else "A"
+        return None if ta == other else mq
+    if rule == "overall":
+        votes = {lab for lab in (vq, mq, ta) if lab in ("A", "B")}
+        return votes.pop() if len(votes) == 1 else None
+    raise ValueError(f"finetune.prefer={rule!r}: use one of {', '.join(PREFER_RULES)}")
+
+
+def preference_pairs(rows: Sequence[Mapping[str, Any]], rule: str) -> tuple[list[tuple[str, str, str]], dict[str, int]]:
+    """(prompt, chosen video, rejected video) of every pair the rule decides, and why the rest were left out."""
+    pairs, left_out = [], {"no_second_video": 0, "undecided": 0}
+    for r in rows:
+        if r["video_b"] is None:
+            left_out["no_second_video"] += 1
+            continue
+        side = orient(r, rule)
+        if side is None:
+            left_out["undecided"] += 1
+            continue
+        chosen, rejected = (r["video_a"], r["video_b"]) if side == "A" else (r["video_b"], r["video_a"])
+        pairs.append((r["prompt"], chosen, rejected))
+    return pairs, left_out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The edge
+
+
+def load_latents(paths: Sequence[Path]):
+    import torch
+    from safetensors.torch import load_file
+
+    return torch.stack([load_file(str(p))["latent"] for p in paths])
+
+
+def pair_latents(pairs, gens: Sequence[Mapping[str, Any]], layout: RunLayout, where: str):
+    """Cached latents of each pair's chosen and rejected video, found through `generations`."""
+    latent_of = {g["video_path"]: g["latent_path"] for g in gens}
+    missing = [v for _, c, r in pairs for v in (c, r) if not latent_of.get(v)]
+    if missing:
+        raise ValueError(
+            f"`{where}`: {len(missing)} labelled videos have no cached latent in the round's generations (first: "
+            f"{missing[0]}); rerun generate with generate.write_latents=true"
+        )
+    chosen = load_latents([layout.resolve(latent_of[c]) for _, c, _ in pairs])
+    rejected = load_latents([layout.resolve(latent_of[r]) for _, _, r in pairs])
+    return chosen, rejected
+
+
+def real_videos(inputs: Mapping[str, ManifestRef], policy, cfg: FinetuneConfig, layout: RunLayout):
+    """Latents and captions of the selected real clips (λ2), encoded by the policy; clips of another
+    shape than the policy's are left out."""
+    from tasks.video_io import read_video
+
+    rows = [r for r in read_manifest(inputs["selection"].path, "selection", layout).rows() if r["selected"]]
+    frames, captions = [], []
+    shape = (policy.cfg.frames, policy.cfg.height, policy.cfg.width, 3)
+    for r in rows[: cfg.max_real_videos]:
+        clip = read_video(layout.resolve(r["video_path"]))
+        if clip.shape == shape:
+            frames.append(clip)
+            captions.append(r["caption"])
+    if not frames:
+        raise ValueError(f"`{inputs['selection'].path}`: no selected clip of shape {shape}; set finetune.train.lambda2=0")
+    return policy.encode(np.stack(frames)), captions
+
+
+def run(
+    inputs: Mapping[str, ManifestRef],
+    cfg: FinetuneConfig,
+    layout: RunLayout,
+    out: StageDir,
+    lineage: Lineage,
+    *,
+    round: int = 1,
+    on_step: Callable[[dict], None] | None = None,
+) -> StageResult:
+    """`labels` + `generations` (+ `selection`) + the round's policy → a LoRA checkpoint and its curves."""
+    # 1. pairs and their cached latents
+    labels = read_manifest(inputs["labels"].path, "labels", layout).rows()
+    gens = read_manifest(inputs["generations"].path, "generations", layout).rows()
+    pairs, left_out = preference_pairs(labels, cfg.prefer)
+    if cfg.max_pairs is not None:
+        pairs = pairs[: cfg.max_pairs]
+    if not pairs:
+        raise ValueError(
+            f"`{inputs['labels'].path}`: no pair is decided under finetune.prefer={cfg.prefer} ({left_out}); "
+            "label more prompts, or choose another finetune.prefer"
+        )
+    chosen, rejected = pair_latents(pairs, gens, layout, inputs["generations"].path)
+    prompts = [p for p, _, _ in pairs]
+    # 2. the round's policy (base + the previous round's LoRA, if any)
+    ckpt_rows = read_manifest(inputs["checkpoints"].path, "checkpoints", layout).rows()
+    policy_cfg, lora, policy_id = policy_from_checkpoints(ckpt_rows, layout, inputs["checkpoints"].path)
+    policy = load_sampler(policy_cfg, lora)
+    if cfg.train.method == "kto":
+        data = PreferenceData.pointwise_from_pairs(chosen, rejected, prompts)
+    elif cfg.train.method == "rwr":
+        import torch
+
+        data = PreferenceData(prompts=prompts + prompts, videos=torch.cat([chosen, rejected]),
+                              rewards=torch.cat([torch.ones(len(pairs)), torch.zeros(len(pairs))]))
+    else:
+        data = PreferenceData(prompts=prompts, chosen=chosen, rejected=rejected)
+    real_latents, real_prompts = (None, None)
+    if cfg.train.lambda2 > 0:
+        real_latents, real_prompts = real_videos(inputs, policy, cfg, layout)
+    # 3. train, save, plot
+    train_cfg = cfg.train if len(pairs) >= cfg.train.batch_size else cfg.train.model_copy(update={"batch_size": len(pairs)})
+    info = train_preference(policy, data, train_cfg, on_step=on_step, real_latents=real_latents, real_prompts=real_prompts)
+    lora_dir = save_preference_checkpoint(policy, out.files("lora"), info)
+    curves = training_curves_png(info["history"], out.files("figures") / "training_curves.png", cfg.train.method)
+    final = {k: float(v) for k, v in info["final"].items() if isinstance(v, (int, float)) and v is not None}
+    metrics = {**{f"final_{k}": v for k, v in final.items()}, "seconds_per_step": float(info["seconds_per_step"])}
+    base = next(r for r in ckpt_rows if r["kind"] == "policy")
+    rows = [
+        dict(base),
+        {
+            "checkpoint_id": f"lora-r{round:02d}", "kind": "policy_lora", "format": "peft",
+            "path": layout.stored_path(lora_dir), "base_id": policy_id, "round": round,
+            "metrics_json": json.dumps({"method": cfg.train.method, **metrics,
+                                        "stopped_on_nonfinite": info["stopped_on_nonfinite"]}, sort_keys=True),
+        },
+    ]
+    ref = write_manifest(rows, "checkpoints", out.manifest_path, layout, lineage)
+    counts = {"pairs": len(pairs), "labels": len(labels), **{f"left_out_{k}": v for k, v in left_out.items()},
+              "steps_done": int(info["steps_done"]), "real_videos": int(info["real_videos"])}
+    if info["stopped_on_nonfinite"]:
+        counts["stopped_on_nonfinite"] = 1
+    return StageResult(ref, counts=counts, metrics=metrics, images={"loss and implicit accuracy": str(curves)})
+
+
+def training_curves_png(history: Sequence[Mapping[str, Any]], path: Path, method: str) -> Path:
+    """Loss and implicit accuracy per step (a 10-step moving average over the raw points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from data_contracts.lineage import atomic_write_bytes
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
+    for ax, key in zip(axes, ("loss", "implicit_accuracy"), strict=True):
+        values = np.array([np.nan if h.get(key) is None else h[key] for h in history], dtype=float)
+        ax.plot(steps, values, color="0.75", linewidth=0.8)
+        if len(values) >= 10 and np.isfinite(values).any():
+            smooth = np.convolve(np.nan_to_num(values), np.ones(10) / 10, mode="valid")
+            ax.plot(steps[9:], smooth, color="C0")
+        ax.set_title(f"{method}: {key.replace('_', ' ')}")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
