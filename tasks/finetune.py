@@ -140,15 +140,16 @@ def run(
     pairs, left_out = preference_pairs(labels, cfg.prefer)
     if cfg.max_pairs is not None:
         pairs = pairs[: cfg.max_pairs]
+    ckpt_rows = read_manifest(inputs["checkpoints"].path, "checkpoints", layout).rows()
+    counts = {"pairs": len(pairs), "labels": len(labels), **{f"left_out_{k}": v for k, v in left_out.items()}}
     if not pairs:
-        raise ValueError(
-            f"`{inputs['labels'].path}`: no pair is decided under finetune.prefer={cfg.prefer} ({left_out}); "
-            "label more prompts, or choose another finetune.prefer"
-        )
+        # Nothing to learn from (every label a tie, invalid or in conflict): the round keeps its
+        # policy unchanged rather than failing the DAG; the counts say why, the gate decides.
+        ref = write_manifest(ckpt_rows, "checkpoints", out.manifest_path, layout, lineage)
+        return StageResult(ref, counts={**counts, "steps_done": 0, "policy_unchanged": 1})
     chosen, rejected = pair_latents(pairs, gens, layout, inputs["generations"].path)
     prompts = [p for p, _, _ in pairs]
     # 2. the round's policy (base + the previous round's LoRA, if any)
-    ckpt_rows = read_manifest(inputs["checkpoints"].path, "checkpoints", layout).rows()
     policy_cfg, lora, policy_id = policy_from_checkpoints(ckpt_rows, layout, inputs["checkpoints"].path)
     policy = load_sampler(policy_cfg, lora)
     if cfg.train.method == "kto":
@@ -181,8 +182,7 @@ def run(
         },
     ]
     ref = write_manifest(rows, "checkpoints", out.manifest_path, layout, lineage)
-    counts = {"pairs": len(pairs), "labels": len(labels), **{f"left_out_{k}": v for k, v in left_out.items()},
-              "steps_done": int(info["steps_done"]), "real_videos": int(info["real_videos"])}
+    counts.update(steps_done=int(info["steps_done"]), real_videos=int(info["real_videos"]))
     if info["stopped_on_nonfinite"]:
         counts["stopped_on_nonfinite"] = 1
     return StageResult(ref, counts=counts, metrics=metrics, images={"loss and implicit accuracy": str(curves)})

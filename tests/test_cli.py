@@ -26,7 +26,9 @@ TINY = (
     "--set", "ingest.world.num_clips=24", "--set", "bootstrap.clip.steps=3", "--set", "bootstrap.clip.batch_size=8",
     "--set", "bootstrap.policy.steps=2", "--set", "bootstrap.policy.batch_size=4", "--set", "bootstrap.policy.layers=1",
     "--set", "bootstrap.policy.dim=32", "--set", "bootstrap.policy.head_dim=16", "--set", "bootstrap.judge_samples=4",
-    "--set", "generate.max_prompts=2", "--set", "generate.samples_per_prompt=2", "--set", "generate.steps=2",
+    "--set", "generate.max_prompts=4", "--set", "generate.samples_per_prompt=2", "--set", "generate.steps=2",
+    "--set", "train_reward.model.steps=3", "--set", "train_reward.model.batch_size=2",
+    "--set", "finetune.train.steps=2", "--set", "finetune.train.batch_size=2",
 )
 
 
@@ -120,7 +122,8 @@ def test_run_is_a_flow_with_a_subflow_per_stage_and_a_counts_table(tmp_path, pre
     prefloop("run", "--run", "whole", *TINY, runs_root=tmp_path)
     runs = {r.name: r for r in _flow_runs(prefect_server.api_url)}
     assert runs["whole"].state.is_completed()
-    for stage in ("ingest", "bootstrap", "select"):
+    stages = ["ingest", "bootstrap", "select"] + [f"round-1/{s}" for s in ("generate", "label", "train_reward", "finetune")]
+    for stage in stages:
         child = runs[f"whole/{stage}"]
         assert child.state.is_completed(), stage
         assert child.parent_task_run_id is not None  # a subflow of the whole-DAG flow run
@@ -130,6 +133,10 @@ def test_run_is_a_flow_with_a_subflow_per_stage_and_a_counts_table(tmp_path, pre
     assert "videos" in str(tables[0].data) and "24" in str(tables[0].data)
     sheets = [a for a in artifacts if a.key == "whole-select-image-0"]
     assert sheets and sheets[0].type == "markdown" and "data:image/png;base64," in sheets[0].data
+    progress = [a for a in artifacts if a.key == "whole-round-01-generate-progress"]
+    assert progress and progress[0].type == "progress" and float(progress[0].data) == 100.0
+    finetune = [a for a in artifacts if a.key == "whole-round-01-finetune"]
+    assert finetune and finetune[0].type == "table" and "pairs" in str(finetune[0].data)
 
 
 def test_a_command_without_a_configured_server_starts_its_own(tmp_path):

@@ -108,14 +108,27 @@ def test_finetune_writes_a_lora_the_next_round_samples_with(tmp_path):
     assert (out.path / "figures" / "training_curves.png").stat().st_size > 1000
 
 
-def test_missing_latents_and_undecided_labels_are_clear_errors(tmp_path):
+def test_labels_that_decide_nothing_keep_the_policy_unchanged(tmp_path):
     layout, inputs = tiny_round(tmp_path, n_pairs=4)
     out = layout.stage("finetune", round=1)
+    out.path.mkdir(parents=True)
     cfg = FinetuneConfig(prefer="overall", train=PreferenceTrainConfig(steps=1, batch_size=2))
-    # every label is VQ tie / MQ decided / TA tie: `overall` decides them too; make them undecided
+    # VQ now contradicts MQ in every pair: `overall` decides none of them
     rows = read_manifest(inputs["labels"].path, "labels", layout).rows()
     for r in rows:
         r["label_vq"] = "B" if r["label_mq"] == "A" else "A"
     bad = write_manifest(rows, "labels", inputs["labels"].path, layout, Lineage("label", {}, "y"))
-    with pytest.raises(ValueError, match="no pair is decided under finetune.prefer=overall"):
-        finetune.run({**inputs, "labels": bad}, cfg, layout, out, Lineage("finetune", {}, "x"))
+    result = finetune.run({**inputs, "labels": bad}, cfg, layout, out, Lineage("finetune", {}, "x"))
+    assert result.counts["pairs"] == 0 and result.counts["left_out_undecided"] == 4 and result.counts["policy_unchanged"] == 1
+    kept = read_manifest(result.manifest.path, "checkpoints", layout).rows()
+    assert kept == read_manifest(inputs["checkpoints"].path, "checkpoints", layout).rows()
+
+
+def test_a_labelled_video_without_cached_latent_is_a_clear_error(tmp_path):
+    layout, inputs = tiny_round(tmp_path, n_pairs=2)
+    gens = read_manifest(inputs["generations"].path, "generations", layout).rows()
+    gens[0]["latent_path"] = None
+    bad = write_manifest(gens, "generations", inputs["generations"].path, layout, Lineage("generate", {}, "y"))
+    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=1, batch_size=2))
+    with pytest.raises(ValueError, match="no cached latent .* rerun generate with generate.write_latents=true"):
+        finetune.run({**inputs, "generations": bad}, cfg, layout, layout.stage("finetune", round=1), Lineage("f", {}, "x"))
