@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from data_contracts import RunLayout
 from data_contracts.lineage import atomic_write_bytes
 from tasks.bootstrap import BootstrapConfig
+from tasks.evaluate import EvaluateConfig
 from tasks.finetune import FinetuneConfig
 from tasks.generate import GenerateConfig
 from tasks.ingest import IngestConfig
@@ -53,6 +54,7 @@ class RunConfig(BaseModel):
     label: LabelConfig = Field(default_factory=LabelConfig)
     train_reward: TrainRewardConfig = Field(default_factory=TrainRewardConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def layout(self, runs_root: Path, name: str) -> RunLayout:
         roots = [Path(p) for p in self.run.data_roots]

@@ -2,20 +2,24 @@
 
     ingest ──► [bootstrap] ──► select ──► round k: generate ──► label ──► train_reward ──► finetune ──► evaluate
 
-Stages built so far are wired here: ingest → bootstrap → select → per round generate → label →
-train_reward → finetune (evaluate and the gate are not built yet); each is its own flow in
-flows/stages.py. `bootstrap` runs for the embedded world only. Round k+1 samples with round k's LoRA.
+Each stage is its own flow in flows/stages.py. `bootstrap` runs for the embedded world only.
+Round k+1 samples with round k's LoRA. After each round's `evaluate`, the gate keeps the round's
+policy only if its held-out judge plausibility beats the previous one by `evaluate.gate_margin`;
+otherwise the loop stops there and says why (the run still completes).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
+from data_contracts import read_marker
 from flows.config import RunConfig
 from flows.stages import (
     bootstrap_flow,
+    evaluate_flow,
     finetune_flow,
     generate_flow,
     ingest_flow,
@@ -23,6 +27,7 @@ from flows.stages import (
     select_flow,
     train_reward_flow,
 )
+from tasks.evaluate import gate
 
 
 @flow(name="iterative_alignment", flow_run_name="{run}")
@@ -33,11 +38,21 @@ def iterative_alignment(run: str, runs_root: str, config: dict[str, Any], force:
     if cfg.ingest.is_synthetic:
         outputs["checkpoints"] = bootstrap_flow(run, runs_root, config, force=force)
     outputs["selection"] = select_flow(run, runs_root, config, force=force)
+    layout = cfg.layout(Path(runs_root), run)
+    previous = None
     for k in range(1, cfg.run.rounds + 1):
         outputs[f"round-{k:02d}/generations"] = generate_flow(run, runs_root, config, round=k, force=force)
         outputs[f"round-{k:02d}/labels"] = label_flow(run, runs_root, config, round=k, force=force)
         outputs[f"round-{k:02d}/reward_model"] = train_reward_flow(run, runs_root, config, round=k, force=force)
         outputs[f"round-{k:02d}/policy"] = finetune_flow(run, runs_root, config, round=k, force=force)
+        outputs[f"round-{k:02d}/evaluation"] = evaluate_flow(run, runs_root, config, round=k, force=force)
+        current = (read_marker(layout.stage("evaluate", k)) or {}).get("metrics", {})
+        keep, reason = gate(current, previous, cfg.evaluate.gate_margin)
+        logger.info("run %s round %d gate: %s", run, k, reason)
+        outputs[f"round-{k:02d}/gate"] = reason
+        if not keep:
+            break
+        previous = current
     for name, ref in outputs.items():
-        logger.info("run %s: %s manifest %s", run, name, ref["path"])
+        logger.info("run %s: %s %s", run, name, ref["path"] if isinstance(ref, dict) else ref)
     return outputs

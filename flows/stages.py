@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from data_contracts import ContractError, ManifestRef, RunLayout, StageDir, completed_ref
 from flows.config import RunConfig
-from tasks import bootstrap, finetune, generate, ingest, label, select, train_reward
+from tasks import bootstrap, evaluate, finetune, generate, ingest, label, select, train_reward
 from tasks.common import StageConfig, execute_stage, stage_lineage
 
 
@@ -243,6 +243,25 @@ def finetune_flow(run: str, runs_root: str, config: dict[str, Any], round: int =
     return ref.__dict__
 
 
+@flow(name="evaluate", flow_run_name="{run}/round-{round}/evaluate")
+def evaluate_flow(run: str, runs_root: str, config: dict[str, Any], round: int = 1, force: bool = False) -> dict[str, str]:
+    """Held-out prompts: the round's policy vs. the base and the previous round, same seeds → `evaluation`."""
+    cfg, layout = _layout(run, runs_root, config)
+    inputs = {
+        "videos": _upstream(layout, "ingest", run, runs_root, config),
+        "policy": _upstream(layout, "finetune", run, runs_root, config, round),
+        "baseline": _policy_checkpoints(layout, 1, run, runs_root, config),
+    }
+    if round > 1:
+        inputs["previous"] = _upstream(layout, "finetune", run, runs_root, config, round - 1)
+    if cfg.evaluate.win_rates:
+        inputs["reward_model"] = _upstream(layout, "train_reward", run, runs_root, config, round)
+    out = layout.stage("evaluate", round)
+    run_fn = functools.partial(evaluate.run, round=round, progress=progress_reporter(layout, out, "batches"))
+    ref = run_stage(run_fn, cfg.evaluate, layout, out, inputs, cfg.run.task_retries, force)
+    return ref.__dict__
+
+
 STAGE_FLOWS = {
     "ingest": ingest_flow,
     "bootstrap": bootstrap_flow,
@@ -251,4 +270,5 @@ STAGE_FLOWS = {
     "label": label_flow,
     "train_reward": train_reward_flow,
     "finetune": finetune_flow,
+    "evaluate": evaluate_flow,
 }

@@ -28,7 +28,7 @@ TINY = (
     "--set", "bootstrap.policy.dim=32", "--set", "bootstrap.policy.head_dim=16", "--set", "bootstrap.judge_samples=4",
     "--set", "generate.max_prompts=4", "--set", "generate.samples_per_prompt=2", "--set", "generate.steps=2",
     "--set", "train_reward.model.steps=3", "--set", "train_reward.model.batch_size=2",
-    "--set", "finetune.train.steps=2", "--set", "finetune.train.batch_size=2",
+    "--set", "finetune.train.steps=2", "--set", "finetune.train.batch_size=2", "--set", "evaluate.samples=4",
 )
 
 
@@ -122,7 +122,7 @@ def test_run_is_a_flow_with_a_subflow_per_stage_and_a_counts_table(tmp_path, pre
     prefloop("run", "--run", "whole", *TINY, runs_root=tmp_path)
     runs = {r.name: r for r in _flow_runs(prefect_server.api_url)}
     assert runs["whole"].state.is_completed()
-    stages = ["ingest", "bootstrap", "select"] + [f"round-1/{s}" for s in ("generate", "label", "train_reward", "finetune")]
+    stages = ["ingest", "bootstrap", "select"] + [f"round-1/{s}" for s in ("generate", "label", "train_reward", "finetune", "evaluate")]
     for stage in stages:
         child = runs[f"whole/{stage}"]
         assert child.state.is_completed(), stage

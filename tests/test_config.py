@@ -39,7 +39,7 @@ def test_unknown_key_lists_the_valid_ones(tmp_path):
         resolve_config(overrides=["ingest.world.clips=3"])
     f = tmp_path / "bad.yaml"
     f.write_text("ingset: {}\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key `ingset`; valid keys: bootstrap, finetune, generate, ingest, label, run, select, train_reward"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key `ingset`; valid keys: bootstrap, evaluate, finetune, generate, ingest, label, run, select, train_reward"):
         resolve_config(config_file=f)
 
 
