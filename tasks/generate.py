@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,7 @@ def sample_shard(policy: Any, job: ShardJob) -> dict[str, Any]:
 
     from tasks.video_io import write_video
 
+    started = time.perf_counter()
     rows = []
     for i in range(0, len(job.items), job.batch_size):
         batch = job.items[i : i + job.batch_size]
@@ -140,7 +142,8 @@ def sample_shard(policy: Any, job: ShardJob) -> dict[str, Any]:
                 latent_path = Path(job.latents_dir) / f"{item['generation_id']}.safetensors"
                 atomic_write_bytes(latent_path, save({"latent": latent.detach().to(torch.float32).cpu().contiguous()}))
             rows.append({**item, "video_path": str(video_path), "latent_path": None if latent_path is None else str(latent_path)})
-    record = {"version": SHARD_RECORD_VERSION, "cache_key": job.cache_key, "index": job.index, "rows": rows}
+    record = {"version": SHARD_RECORD_VERSION, "cache_key": job.cache_key, "index": job.index, "rows": rows,
+              "seconds": time.perf_counter() - started}
     atomic_write_json(Path(job.record_path), record)
     return record
 
