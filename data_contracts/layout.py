@@ -109,6 +109,14 @@ class RunLayout:
             raise ValueError(f"stage `{stage}` runs once per run, not per round: drop the round")
         return StageDir(stage, None, self.run_dir / stage)
 
+    def variant(self, stage: str, round: int, name: str) -> StageDir:
+        """A per-round stage run again under another config, beside the round's own
+        (`round-NN/compare/<name>/<stage>`): what `prefloop compare` writes."""
+        base = self.stage(stage, round)
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+            raise ValueError(f"variant name `{name}`: use lower-case letters, digits, `_` or `-`")
+        return StageDir(f"{stage}-{name.replace('_', '-')}", round, base.path.parent / "compare" / name / stage)
+
     def stored_path(self, path: Path) -> str:
         """How a manifest stores `path`: relative to the run directory when inside it (so a run
         folder can be moved), absolute otherwise."""

@@ -190,6 +190,31 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    cfg, layout, save_config = _prepare(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from models.preference_training import PreferenceTrainConfig
+
+    known = PreferenceTrainConfig.model_fields["method"].annotation.__args__
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        raise SystemExit(f"prefloop compare: unknown method(s) {unknown}; choose from {', '.join(known)}")
+    with run_lock(layout):
+        save_config(cfg, layout.config_path)
+        info = _connect_prefect(layout.runs_root)
+        from flows.compare import compare_flow
+
+        state = compare_flow(
+            layout.run, str(layout.runs_root), cfg.model_dump(mode="json"), round=args.round, methods=methods,
+            force=args.force, return_state=True,
+        )
+        print(f"prefloop: flow run in the Prefect UI: {_flow_run_url(info, state)}")
+        if not state.is_completed():
+            print(f"prefloop: compare ended {state.name}: {state.message}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefloop", description="Preference alignment of text-to-video models.")
     parser.add_argument("--runs-root", help="folder holding the runs (default: ./runs, or $PREFLOOP_RUNS)")
@@ -204,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, help="the round, for per-round stages")
     _add_config_args(p)
     p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("compare", help="train several fine-tuning methods on one round's pairs and evaluate them side by side")
+    p.add_argument("--round", type=int, default=1, help="the round whose pairs are used (default 1)")
+    p.add_argument("--methods", default="flow_dpo,sft,rwr", help="comma-separated finetune.train.method values")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("runs", help="list runs and the status of their stages")
     p.set_defaults(func=cmd_runs)

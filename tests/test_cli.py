@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -155,3 +156,18 @@ def test_a_command_without_a_configured_server_starts_its_own(tmp_path):
         subprocess.run([*cmd, "server", "--stop"], cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
     status = subprocess.run([*cmd, "server", "--status"], cwd=REPO, capture_output=True, text=True, env=env)
     assert status.returncode == 1
+
+
+def test_compare_trains_each_method_on_the_same_pairs_and_tabulates_them(tmp_path, prefect_server):
+    prefloop("run", "--run", "cmp", *TINY, runs_root=tmp_path)
+    out = prefloop("compare", "--run", "cmp", "--round", "1", "--methods", "flow_dpo,sft", *TINY, runs_root=tmp_path)
+    table = (tmp_path / "cmp" / "round-01" / "compare" / "compare.md").read_text()
+    assert "| base |" in table and "| flow_dpo |" in table and "| sft |" in table
+    assert "| sft |" in out.stdout
+    for method in ("flow_dpo", "sft"):
+        for stage in ("finetune", "evaluate"):
+            marker = tmp_path / "cmp" / "round-01" / "compare" / method / stage / "stage.json"
+            assert json.loads(marker.read_text())["status"] == "complete", (method, stage)
+    assert any(a.key == "cmp-round-01-compare" and a.type == "table" for a in _artifacts())
+    bad = prefloop("compare", "--run", "cmp", "--methods", "dpo", runs_root=tmp_path, check=False)
+    assert bad.returncode != 0 and "unknown method(s) ['dpo']" in bad.stderr
