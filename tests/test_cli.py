@@ -119,7 +119,7 @@ def _artifacts() -> list:
     return asyncio.run(go())
 
 
-def test_run_is_a_flow_with_a_subflow_per_stage_and_a_counts_table(tmp_path, prefect_server):
+def test_run_is_a_flow_with_a_subflow_per_stage_and_compare_tabulates_methods(tmp_path, prefect_server):
     prefloop("run", "--run", "whole", *TINY, runs_root=tmp_path)
     runs = {r.name: r for r in _flow_runs(prefect_server.api_url)}
     assert runs["whole"].state.is_completed()
@@ -138,6 +138,17 @@ def test_run_is_a_flow_with_a_subflow_per_stage_and_a_counts_table(tmp_path, pre
     assert progress and progress[0].type == "progress" and float(progress[0].data) == 100.0
     finetune = [a for a in artifacts if a.key == "whole-round-01-finetune"]
     assert finetune and finetune[0].type == "table" and "pairs" in str(finetune[0].data)
+    # `prefloop compare` trains each method on the same round's pairs (sharing this run's stages)
+    out = prefloop("compare", "--run", "whole", "--round", "1", "--methods", "flow_dpo,sft", *TINY, runs_root=tmp_path)
+    table = (tmp_path / "whole" / "round-01" / "compare" / "compare.md").read_text()
+    assert "| base |" in table and "| flow_dpo |" in table and "| sft |" in table and "| sft |" in out.stdout
+    for method in ("flow_dpo", "sft"):
+        for stage in ("finetune", "evaluate"):
+            marker = tmp_path / "whole" / "round-01" / "compare" / method / stage / "stage.json"
+            assert json.loads(marker.read_text())["status"] == "complete", (method, stage)
+    assert any(a.key == "whole-round-01-compare" and a.type == "table" for a in _artifacts())
+    bad = prefloop("compare", "--run", "whole", "--methods", "dpo", runs_root=tmp_path, check=False)
+    assert bad.returncode != 0 and "unknown method(s) ['dpo']" in bad.stderr
 
 
 def test_a_command_without_a_configured_server_starts_its_own(tmp_path):
@@ -157,17 +168,3 @@ def test_a_command_without_a_configured_server_starts_its_own(tmp_path):
     status = subprocess.run([*cmd, "server", "--status"], cwd=REPO, capture_output=True, text=True, env=env)
     assert status.returncode == 1
 
-
-def test_compare_trains_each_method_on_the_same_pairs_and_tabulates_them(tmp_path, prefect_server):
-    prefloop("run", "--run", "cmp", *TINY, runs_root=tmp_path)
-    out = prefloop("compare", "--run", "cmp", "--round", "1", "--methods", "flow_dpo,sft", *TINY, runs_root=tmp_path)
-    table = (tmp_path / "cmp" / "round-01" / "compare" / "compare.md").read_text()
-    assert "| base |" in table and "| flow_dpo |" in table and "| sft |" in table
-    assert "| sft |" in out.stdout
-    for method in ("flow_dpo", "sft"):
-        for stage in ("finetune", "evaluate"):
-            marker = tmp_path / "cmp" / "round-01" / "compare" / method / stage / "stage.json"
-            assert json.loads(marker.read_text())["status"] == "complete", (method, stage)
-    assert any(a.key == "cmp-round-01-compare" and a.type == "table" for a in _artifacts())
-    bad = prefloop("compare", "--run", "cmp", "--methods", "dpo", runs_root=tmp_path, check=False)
-    assert bad.returncode != 0 and "unknown method(s) ['dpo']" in bad.stderr
