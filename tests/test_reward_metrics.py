@@ -337,3 +337,20 @@ def test_per_dimension_report():
     assert len(per_dimension_report(m, h, seed=3, n_draws=2)) == 3  # no overall label, no overall row
     with pytest.raises(ValueError, match=r"\(pairs, 2\)"):
         per_dimension_report(m, h, names=("VQ", "MQ"))
+
+
+def test_an_all_tie_set():
+    """Every human label a tie. w/o ties: no pair is left, accuracy NaN with n = 0. w/ ties: with
+    ε ≥ max|m| = 0.7 the model ties all four pairs too, so acc = T_hm / n = 4/4 = 1; with no model
+    ties (ε = −1) every pair is T_h and acc = 0. BTT with θ = 5 on ties: at d = 0,
+    P(tie) = 24 · (1/6)² = 2/3, so the loss is −log(2/3) = 0.405465."""
+    m = np.array([0.7, -0.2, 0.0, 0.5])
+    h = np.zeros(4)
+    wo = accuracy_without_ties(m, h)
+    assert wo.n == 0 and np.isnan(wo.accuracy)
+    w = accuracy_with_ties(m, h)
+    assert w.accuracy == 1.0 and w.epsilon == pytest.approx(0.7)
+    assert accuracy_with_ties(m, h, epsilons=[-1.0]).accuracy == 0.0
+    zeros = torch.zeros(3, 3)
+    loss, _ = btt_loss(zeros, zeros, torch.full((3, 3), TIE))
+    assert float(loss) == pytest.approx(-math.log(2 / 3), abs=1e-6)
