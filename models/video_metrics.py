@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.frames import farneback, resize_short_side, to_grey
+
 METRICS = ("subject_consistency", "motion_smoothness", "dynamic_degree", "imaging_quality")
 
 
@@ -71,27 +73,6 @@ def check_videos(videos: object, where: str = "videos") -> np.ndarray:
     return np.ascontiguousarray(arr)  # OpenCV refuses strided views
 
 
-def _resized(frames: np.ndarray, side: int, upscale: bool) -> np.ndarray:
-    """Frames (F, H, W[, 3]) with their short side resized to `side` (area down, bilinear up)."""
-    height, width = frames.shape[1:3]
-    scale = side / min(height, width)
-    if scale == 1.0 or (scale > 1.0 and not upscale):
-        return frames
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    return np.stack([cv2.resize(f, size, interpolation=interpolation) for f in frames])
-
-
-def _grey(frames: np.ndarray) -> np.ndarray:
-    return np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
-
-
-def _flow(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Dense Farneback flow (H, W, 2) in px from one uint8 grey frame to the next (3 levels, 9 px window,
-    the settings `select` measures motion with)."""
-    return cv2.calcOpticalFlowFarneback(first, second, None, 0.5, 3, 9, 3, 5, 1.1, 0)
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. The metrics, one video at a time
 
@@ -133,13 +114,13 @@ def clip_motion_smoothness(frames: np.ndarray, cfg: VideoMetricsConfig = DEFAULT
     """
     if len(frames) < 3:
         return float("nan")
-    rgb = _resized(frames, cfg.flow_side, upscale=True).astype(np.float32)
-    grey = _grey(_resized(frames, cfg.flow_side, upscale=True))
+    rgb = resize_short_side(frames, cfg.flow_side, upscale=True).astype(np.float32)
+    grey = to_grey(resize_short_side(frames, cfg.flow_side, upscale=True))
     h, w = grey.shape[1:]
     xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
     errors = []
     for i in range(1, len(frames) - 1):
-        half = 0.5 * _flow(grey[i - 1], grey[i + 1])
+        half = 0.5 * farneback(grey[i - 1], grey[i + 1])
         before = cv2.remap(rgb[i - 1], xs - half[..., 0], ys - half[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         after = cv2.remap(rgb[i + 1], xs + half[..., 0], ys + half[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         errors.append(float(np.abs(0.5 * (before + after) - rgb[i]).mean()))
@@ -149,11 +130,11 @@ def clip_motion_smoothness(frames: np.ndarray, cfg: VideoMetricsConfig = DEFAULT
 def clip_flow_magnitudes(frames: np.ndarray, cfg: VideoMetricsConfig = DEFAULT_METRICS_CONFIG) -> np.ndarray:
     """Per consecutive frame pair, the mean of its top `dynamic_top` share of Farneback flow
     magnitudes, in shares of the frame's short side (so one threshold serves every resolution)."""
-    grey = _grey(_resized(frames, cfg.flow_side, upscale=True))
+    grey = to_grey(resize_short_side(frames, cfg.flow_side, upscale=True))
     side = min(grey.shape[1:])
     out = []
     for a, b in zip(grey[:-1], grey[1:], strict=True):
-        mag = np.sort(np.linalg.norm(_flow(a, b), axis=-1).ravel())
+        mag = np.sort(np.linalg.norm(farneback(a, b), axis=-1).ravel())
         top = max(1, int(round(cfg.dynamic_top * mag.size)))
         out.append(float(mag[-top:].mean()) / side)
     return np.asarray(out)
@@ -184,10 +165,10 @@ def clip_imaging_quality(frames: np.ndarray, cfg: VideoMetricsConfig = DEFAULT_M
     It maps to [0, 1) as r / (r + `quality_reference`), averaged over frames; a flat frame scores 0.
     Noise raises r (MUSIQ would lower its score): read it beside the judge, not alone.
     """
-    grey = _grey(frames)
+    grey = to_grey(frames)
     if max(grey.shape[1:]) > cfg.quality_side:
         scale = cfg.quality_side / max(grey.shape[1:])
-        grey = _resized(grey, max(1, round(min(grey.shape[1:]) * scale)), upscale=False)
+        grey = resize_short_side(grey, max(1, round(min(grey.shape[1:]) * scale)), upscale=False)
     scores = []
     for g in grey.astype(np.float32):
         var = float(g.var())

@@ -48,7 +48,7 @@ from models.policy import PolicyConfig
 from models.policy_training import frame_strip_png, wilson_interval
 from models.video_metrics import METRICS, VideoMetricsConfig, video_metrics
 from tasks.common import StageConfig, StageResult
-from tasks.generate import load_sampler, policy_fps, policy_from_checkpoints, prompt_id, read_prompt_file, sample_seed
+from tasks.generate import load_sampler, policy_fps, policy_from_checkpoints, prompt_id, sample_seed, select_prompts
 from tasks.label import load_reward_scorer
 
 ROLES = ("round", "base", "previous")
@@ -234,30 +234,6 @@ class PolicyUnderTest:
         return f"{self.policy_cfg.model_dump_json()}|{self.lora}"
 
 
-def select_prompts(inputs: Mapping[str, ManifestRef], cfg: EvaluateConfig, layout: RunLayout) -> list[str]:
-    """The prompt file's prompts, or the held-out captions of `videos` in sorted order; first `max_prompts`."""
-    if cfg.prompt_file is not None:
-        path = Path(cfg.prompt_file)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"evaluate: prompt file `{path}` does not exist; set evaluate.prompt_file to a text file with one prompt "
-                "per line, or unset it to use the held-out captions of `videos`"
-            )
-        prompts = read_prompt_file(path)
-    else:
-        if "videos" not in inputs:
-            raise ValueError("evaluate: no prompts; pass the `videos` manifest (its held-out captions) or set evaluate.prompt_file")
-        rows = read_manifest(inputs["videos"].path, "videos", layout).rows()
-        prompts = sorted({r["caption"] for r in rows if r["split"] == "heldout" and r["caption"]})
-        if not prompts:
-            raise ValueError(
-                f"`{inputs['videos'].path}`: no captions in split `heldout`; ingest with a held-out share "
-                "(ingest.heldout_fraction) or set evaluate.prompt_file"
-            )
-    prompts = list(dict.fromkeys(prompts))
-    return prompts[: cfg.max_prompts] if cfg.max_prompts is not None else prompts
-
-
 def policies_under_test(inputs: Mapping[str, ManifestRef], layout: RunLayout) -> list[PolicyUnderTest]:
     """round (`policy`), base (`baseline`; without it, the `policy` row of the round's checkpoints with
     no LoRA) and, when given, previous (`previous`), from their checkpoints manifests."""
@@ -369,7 +345,8 @@ def run(
     """Held-out prompts × the round's, the base and the previous policy → the `evaluation` manifest,
     its summary metrics (judge, VBench-like, reward-model win rates, the hacking warning) and a strip."""
     # 1. prompts, pairs, policies, critics
-    pairs = plan_pairs(select_prompts(inputs, cfg, layout), cfg.samples, cfg.seed)
+    prompts = select_prompts(inputs, "heldout", cfg.prompt_file, cfg.max_prompts, layout, "evaluate")
+    pairs = plan_pairs(prompts, cfg.samples, cfg.seed)
     policies = policies_under_test(inputs, layout)
     folder = reward_folder(inputs, cfg, layout)
     changed = policy_changed(read_manifest(inputs["policy"].path, "checkpoints", layout).rows(), round)

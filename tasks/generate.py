@@ -69,10 +69,10 @@ def sample_seed(base: int, round_: int, prompt: str, k: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def read_prompt_file(path: Path) -> list[str]:
+def read_prompt_file(path: Path, stage: str = "generate") -> list[str]:
     """Non-empty lines of a prompt file; a line with a control character is refused by number."""
     if not path.is_file():
-        raise FileNotFoundError(f"generate: prompt file `{path}` does not exist; set generate.prompt_file to a text file")
+        raise FileNotFoundError(f"{stage}: prompt file `{path}` does not exist; set {stage}.prompt_file to a text file")
     prompts = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         text = line.strip()
@@ -199,19 +199,26 @@ def load_sampler(policy_cfg: PolicyConfig, lora: str | None) -> Any:
 # 4. The edge
 
 
-def select_prompts(inputs: Mapping[str, ManifestRef], cfg: GenerateConfig, layout: RunLayout) -> list[str]:
-    if cfg.prompt_file is not None:
-        prompts = read_prompt_file(Path(cfg.prompt_file))
+def select_prompts(
+    inputs: Mapping[str, ManifestRef], split: str, prompt_file: str | None, max_prompts: int | None,
+    layout: RunLayout, stage: str,
+) -> list[str]:
+    """The prompt file's prompts, or the distinct captions of one split of `videos` in sorted
+    order; the first `max_prompts`. Shared by `generate` (train split) and `evaluate` (held-out)."""
+    if prompt_file is not None:
+        prompts = read_prompt_file(Path(prompt_file), stage)
     else:
+        if "videos" not in inputs:
+            raise ValueError(f"{stage}: no prompts; pass the `videos` manifest or set {stage}.prompt_file")
         videos = read_manifest(inputs["videos"].path, "videos", layout)
-        prompts = sorted({r["caption"] for r in videos.rows() if r["split"] == cfg.prompts and r["caption"]})
+        prompts = sorted({r["caption"] for r in videos.rows() if r["split"] == split and r["caption"]})
         if not prompts:
             raise ValueError(
-                f"`{inputs['videos'].path}`: no captions in split `{cfg.prompts}`; choose generate.prompts=train|heldout "
-                "or give generate.prompt_file"
+                f"`{inputs['videos'].path}`: no captions in split `{split}`; ingest with a held-out share "
+                f"(ingest.heldout_fraction) or give {stage}.prompt_file"
             )
     prompts = list(dict.fromkeys(prompts))
-    return prompts[: cfg.max_prompts] if cfg.max_prompts is not None else prompts
+    return prompts[:max_prompts] if max_prompts is not None else prompts
 
 
 def run(
@@ -233,7 +240,9 @@ def run(
     else:
         ckpt = read_manifest(inputs["checkpoints"].path, "checkpoints", layout)
         policy_cfg, lora, policy_id = policy_from_checkpoints(ckpt.rows(), layout, inputs["checkpoints"].path)
-    items = plan_samples(select_prompts(inputs, cfg, layout), cfg, round)
+    items = plan_samples(
+        select_prompts(inputs, cfg.prompts, cfg.prompt_file, cfg.max_prompts, layout, "generate"), cfg, round
+    )
     steps = policy_cfg.steps if cfg.steps is None else cfg.steps
     guidance = policy_cfg.guidance_scale if cfg.guidance is None else cfg.guidance
     videos_dir, latents_dir, records_dir = out.files("videos"), out.files("latents"), out.files("shards")

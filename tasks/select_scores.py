@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.frames import farneback, resize_short_side, to_grey
+
 SCORE_KEYS = ("motion", "static", "scene_cut", "flicker", "sharpness", "quality")
 # Frame filters in the order `decide` applies them: the first failing one is the clip's reason.
 # Imaging first (exposure, blur): they concern every frame and they hide change, so a black or
@@ -146,23 +148,6 @@ def _check_clip(frames: np.ndarray, fps: float) -> np.ndarray:
     return np.ascontiguousarray(arr)  # OpenCV refuses strided views such as frames[..., ::-1]
 
 
-def _resize_short_side(frames: np.ndarray, side: int, upscale: bool) -> np.ndarray:
-    """Frames (F,H,W) or (F,H,W,3) resized so their short side is `side` (area-averaged down,
-    bilinear up)."""
-    height, width = frames.shape[1:3]
-    scale = side / min(height, width)
-    if scale == 1.0 or (scale > 1.0 and not upscale):
-        return frames
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    return np.stack([cv2.resize(f, size, interpolation=interpolation) for f in frames])
-
-
-def _grey(frames: np.ndarray) -> np.ndarray:
-    """uint8 luma (Rec. 601, as OpenCV) of RGB frames."""
-    return np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
-
-
 def sample_indices(num_frames: int, fps: float, target_fps: float) -> np.ndarray:
     """Indices of the frames nearest to times 0, 1/target_fps, 2/target_fps, … (all frames if
     the video is slower, first and last if it is shorter than one step), so that every video
@@ -194,24 +179,24 @@ class ClipViews:
     @cached_property
     def small_rgb(self) -> np.ndarray:
         """All frames at the analysis size (never upscaled: histograms gain nothing from it)."""
-        return _resize_short_side(self.frames, self.cfg.analysis_side, upscale=False)
+        return resize_short_side(self.frames, self.cfg.analysis_side, upscale=False)
 
     @cached_property
     def small_grey(self) -> np.ndarray:
         """Luma of `small_rgb` as float32."""
-        return _grey(self.small_rgb).astype(np.float32)
+        return to_grey(self.small_rgb).astype(np.float32)
 
     @cached_property
     def sharp_grey(self) -> np.ndarray:
         """Luma of up to `sharpness_frames` evenly spaced frames, at most `sharpness_side` px."""
         picks = even_picks(len(self.frames), self.cfg.sharpness_frames)
-        return _resize_short_side(_grey(self.frames[picks]), self.cfg.sharpness_side, upscale=False).astype(np.float32)
+        return resize_short_side(to_grey(self.frames[picks]), self.cfg.sharpness_side, upscale=False).astype(np.float32)
 
     @cached_property
     def flow_frames(self) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 luma at exactly `flow_side`, seconds between consecutive sampled frames)."""
         picks = sample_indices(len(self.frames), self.fps, self.cfg.flow_fps)
-        grey = _resize_short_side(_grey(self.frames[picks]), self.cfg.flow_side, upscale=True)
+        grey = resize_short_side(to_grey(self.frames[picks]), self.cfg.flow_side, upscale=True)
         return grey, np.diff(picks) / self.fps
 
 
@@ -223,7 +208,7 @@ def _flow_engine(method: str):
     if method == "dis":
         return cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST).calc
     # 3 pyramid levels and a 9 px window: at 32 px that follows a shift of a quarter frame per step
-    return lambda first, second, _: cv2.calcOpticalFlowFarneback(first, second, None, 0.5, 3, 9, 3, 5, 1.1, 0)
+    return lambda first, second, _: farneback(first, second)
 
 
 def _motion(views: ClipViews) -> float:
@@ -350,7 +335,7 @@ def quality_parts(rgb: np.ndarray, grey: np.ndarray) -> dict[str, float]:
     `rgb` is the colour statistics' view, `grey` the sharpness view (noise needs detail).
     """
     values = rgb.astype(np.float32)
-    luma = _grey(rgb).astype(np.float32)
+    luma = to_grey(rgb).astype(np.float32)
     exposure = float(((luma >= 16) & (luma <= 239)).mean())
     contrast = float(np.mean([f.std() for f in luma]) / 255.0 / 0.15)
     rg = values[..., 0] - values[..., 1]
