@@ -150,6 +150,13 @@ class PreferenceTrainConfig(BaseModel):
         ge=0,
         description="weight of the flow-matching loss on real videos (IPO's regulariser); > 0 needs real_latents",
     )
+    caption_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of rows trained with the empty prompt (CFG's unconditional branch), as the base "
+        "was trained; the LoRA is shared by both branches of classifier-free guidance",
+    )
     exclude_first_frame: bool = Field(
         False,
         description="drop frame 0 from every error (HuViDPO's first-frame conditioning); the world is unconditioned",
@@ -462,11 +469,19 @@ class _Rows:
         return rows
 
 
-def _prompt_bank(policy: Policy, prompts: Sequence[str]) -> tuple[TextEmbeddings, torch.Tensor]:
-    """Each unique prompt encoded once (the text encoder is frozen), and each row's index into them."""
-    unique = sorted(set(prompts))
+def _prompt_bank(policy: Policy, prompts: Sequence[str]) -> tuple[TextEmbeddings, torch.Tensor, int]:
+    """Each unique prompt and the empty prompt encoded once (the text encoder is frozen), each row's
+    index into them, and the empty prompt's index (for caption dropout)."""
+    unique = sorted(set(prompts) | {""})
     index = {p: i for i, p in enumerate(unique)}
-    return policy.encode_text(unique), torch.tensor([index[p] for p in prompts])
+    return policy.encode_text(unique), torch.tensor([index[p] for p in prompts]), index[""]
+
+
+def _drop_captions(ids: torch.Tensor, rate: float, empty_id: int, gen: torch.Generator) -> torch.Tensor:
+    """Each row's prompt index, replaced by the empty prompt's with probability `rate` (no draw at 0)."""
+    if rate == 0:
+        return ids
+    return torch.where(torch.rand(len(ids), generator=gen) < rate, torch.tensor(empty_id), ids)
 
 
 def _reference(policy: Policy, cfg: PreferenceTrainConfig) -> tuple[Callable[[], AbstractContextManager], VelocityFn]:
@@ -537,10 +552,10 @@ def train_preference(
     device, dtype = policy.device, policy.dtype
     x = (data.videos if data.videos is not None else data.chosen).to(device, dtype)
     x_l = data.rejected.to(device, dtype) if cfg.method in PAIRWISE else None
-    bank, prompt_ids = _prompt_bank(policy, data.prompts)
+    bank, prompt_ids, empty_id = _prompt_bank(policy, data.prompts)
     if m:
         real_x = real_latents.to(device, dtype)
-        real_bank, real_ids = _prompt_bank(policy, real_prompts)
+        real_bank, real_ids, real_empty_id = _prompt_bank(policy, real_prompts)
     gen = torch.Generator().manual_seed(cfg.seed)
     rows_of, real_rows_of = _Rows(n, cfg.batch_size, gen), (_Rows(m, cfg.batch_size, gen) if m else None)
 
@@ -564,7 +579,7 @@ def train_preference(
         b = Batch(
             x=x[rows],
             x_l=None if x_l is None else x_l[rows],
-            text=bank.index(prompt_ids[rows]).to(device),
+            text=bank.index(_drop_captions(prompt_ids[rows], cfg.caption_dropout, empty_id, gen)).to(device),
             t=t,
             noise=noise,
             desirable=None if data.desirable is None else data.desirable[rows].to(device),
@@ -583,7 +598,9 @@ def train_preference(
         if m:
             real_rows = real_rows_of.next()
             t_real, noise_real = draw(len(real_rows))
-            real_text = real_bank.index(real_ids[real_rows]).to(device)
+            real_text = real_bank.index(
+                _drop_captions(real_ids[real_rows], cfg.caption_dropout, real_empty_id, gen)
+            ).to(device)
             e_real = sample_errors(policy_fn, real_x[real_rows], t_real, noise_real, real_text, cfg.exclude_first_frame)
         loss = regularised(
             pref, e_winners if has_winners else None, cfg.lambda1 if has_winners else 0.0, e_real, cfg.lambda2

@@ -173,6 +173,42 @@ def test_winner_and_loser_share_t_and_noise_with_the_reference(saved):
     assert not torch.allclose(noise[0], noise[1])  # each pair its own ε
 
 
+def test_caption_dropout_trains_some_rows_on_the_empty_prompt(saved):
+    """caption_dropout=0.5: within a step, some rows see the empty prompt's embedding (the CFG
+    unconditional) and the others their own; a pair's winner and loser and the reference see the same
+    text. At 0 no row does."""
+    policy = load(saved)
+    shape, n = policy.latent_shape, 16
+    empty = policy.empty_text(1)
+    seen = []
+    real_velocity = policy.velocity
+
+    def spy(x_t, t, emb, mask):
+        seen.append((emb.detach().clone(), torch.is_grad_enabled()))
+        return real_velocity(x_t, t, emb, mask)
+
+    policy.velocity = spy
+    data = PreferenceData(prompts=[PROMPTS[0]] * n, chosen=torch.zeros((n, *shape)), rejected=torch.ones((n, *shape)))
+
+    def empty_rows(emb):
+        width = min(emb.shape[1], empty.embeddings.shape[1])
+        flat = (emb[:, :width] - empty.embeddings[:, :width]).abs().flatten(1).amax(1)
+        return flat < 1e-6
+
+    train_preference(policy, data, PreferenceTrainConfig(steps=1, batch_size=n, caption_dropout=0.5))
+    dropped = [empty_rows(emb) for emb, _ in seen]
+    assert 0 < int(dropped[0].sum()) < n
+    assert all(torch.equal(d, dropped[0]) for d in dropped)  # winner, loser, reference: one text per row
+    seen.clear()
+    policy.velocity = real_velocity
+    policy = load(saved)
+    policy.velocity = spy
+    train_preference(policy, data, PreferenceTrainConfig(steps=1, batch_size=n))
+    assert not any(bool(empty_rows(emb).any()) for emb, _ in seen)
+    with pytest.raises(ValueError):
+        PreferenceTrainConfig(caption_dropout=1.0)
+
+
 def test_learns_the_preference(saved):
     """One prompt, chosen ≈ pattern A, rejected ≈ pattern B, default lr and β: the implicit accuracy
     reaches ≥ 0.9, and on held-out pairs (fixed t, ε) the policy's error falls on the chosen pattern
