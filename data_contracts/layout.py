@@ -5,6 +5,8 @@
       world/truth.parquet         embedded world's ground truth (judge and evaluate only)
       ingest/  bootstrap/  select/
       round-01/generate/ …        one folder per stage of each round
+      round-01/report/            the round's markdown report and plots
+      report.html                 the whole run's report (`prefloop report`)
     runs/.prefect/                the local Prefect server's state (shared by all runs)
 
 Each stage folder holds `manifest.parquet`, its files (videos, latents, checkpoints) and
@@ -49,6 +51,11 @@ class StageDir:
     def marker_path(self) -> Path:
         return self.path / "stage.json"
 
+    @property
+    def stale_path(self) -> Path:
+        """Written when a stage before this one was recomputed after this one completed."""
+        return self.path / "stale.json"
+
     def files(self, name: str) -> Path:
         """A sub-folder for the stage's files (`videos`, `latents`, `checkpoints`, …)."""
         if "/" in name or name in {"", ".", ".."}:
@@ -89,6 +96,17 @@ class RunLayout:
     @property
     def lock_path(self) -> Path:
         return self.run_dir / ".lock"
+
+    @property
+    def report_path(self) -> Path:
+        """The whole run's report as one self-contained HTML file (`prefloop report`)."""
+        return self.run_dir / "report.html"
+
+    def round_report_dir(self, round: int) -> Path:
+        """The round's markdown report and its plots."""
+        if round < 1:
+            raise ValueError(f"round {round}: rounds count from 1")
+        return self.run_dir / f"round-{round:02d}" / "report"
 
     @property
     def truth_path(self) -> Path:

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from data_contracts import ROUND_STAGES, STAGES, RunLayout, StageDir, check_run_name, read_marker, server_state_dir
+from data_contracts import ROUND_STAGES, STAGES, RunLayout, check_run_name, read_marker, server_state_dir
+from data_contracts.staleness import run_stages, stage_status
 
 
 def _runs_root(args: argparse.Namespace) -> Path:
@@ -134,29 +135,23 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage_dirs(layout: RunLayout) -> list[StageDir]:
-    """The stage folders a run has so far, in DAG order."""
-    found = [layout.stage(s) for s in STAGES if s not in ROUND_STAGES]
-    for round_dir in sorted(layout.run_dir.glob("round-[0-9]*")):
-        found += [layout.stage(s, int(round_dir.name.split("-")[1])) for s in ROUND_STAGES]
-    return [d for d in found if d.path.exists()]
-
-
 def _print_run(runs_root: Path, run: str) -> None:
     layout = RunLayout(runs_root, run)
     print(f"run {run}  ({layout.run_dir})")
-    stages = _stage_dirs(layout)
+    stages = run_stages(layout)
     if not stages:
         print("  (no stages yet)")
     for stage_dir in stages:
         marker = read_marker(stage_dir) or {}
-        status = marker.get("status", "incomplete")
+        status, why = stage_status(stage_dir)
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(marker["finished_at"])) if "finished_at" in marker else "-"
         counts = marker.get("counts", {})
         # plain counts (videos, usable, …) before the per-reason breakdowns ("reason:…")
         ordered = sorted(counts.items(), key=lambda kv: (":" in kv[0], kv[0] != "videos", kv[0]))
         shown = ", ".join(f"{k}={v}" for k, v in ordered[:8])
         print(f"  {stage_dir.label:<22} {status:<10} {when:<16} {marker.get('seconds', '-')!s:>8}s  {shown}")
+        if why:
+            print(f"  {'':<22} {status}: {why}")
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

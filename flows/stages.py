@@ -25,6 +25,7 @@ from prefect.artifacts import (
 from pydantic import ValidationError
 
 from data_contracts import ContractError, ManifestRef, RunLayout, StageDir, completed_ref
+from data_contracts.staleness import clear_stale, mark_downstream_stale
 from flows.config import RunConfig
 from tasks import bootstrap, evaluate, finetune, generate, ingest, label, select, train_reward
 from tasks.common import StageConfig, execute_stage, stage_lineage
@@ -79,8 +80,15 @@ def run_stage(
         name=out.label, retries=retries, retry_delay_seconds=2, refresh_cache=on_disk is None
     )(out.label, key, run_fn, layout, out, cfg, inputs, force)
     ref = ManifestRef(**result["manifest"])
-    state = "up to date (skipped)" if on_disk is not None or result["skipped"] else f"ran in {result['seconds']:.1f}s"
+    ran = on_disk is None and not result["skipped"]
+    state = f"ran in {result['seconds']:.1f}s" if ran else "up to date (skipped)"
     logger.info("%s %s; cache key %s; manifest %s", out.label, state, key, ref.path)
+    # Ran again or proved up to date: no longer stale. What follows was computed from the old output.
+    clear_stale(out)
+    if ran:
+        marked = mark_downstream_stale(layout, out, key)
+        if marked:
+            logger.info("%s recomputed: marked stale %s", out.label, ", ".join(d.label for d in marked))
     table = [{"count": k, "value": v} for k, v in result["counts"].items()]
     table += [{"count": k, "value": round(v, 4)} for k, v in result["metrics"].items()]
     artifact_key = f"{layout.run}-{out.label}".lower().replace("/", "-").replace("_", "-").replace(".", "-")
