@@ -35,6 +35,11 @@ def _contract_key(context: Any, parameters: Mapping[str, Any]) -> str:
     return f"prefloop-{parameters['stage_label'].replace('/', '-')}-{parameters['cache_key']}"
 
 
+def artifact_key(run: str, label: str) -> str:
+    """A Prefect artifact key for `label` of `run` (keys allow lower-case letters, digits and dashes)."""
+    return f"{run}-{label}".lower().replace("/", "-").replace("_", "-").replace(".", "-")
+
+
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """Bad input fails the same way every time: retry crashes and transient errors only."""
     return not isinstance(state.data, (ContractError, ValidationError))
@@ -91,9 +96,9 @@ def run_stage(
             logger.info("%s recomputed: marked stale %s", out.label, ", ".join(d.label for d in marked))
     table = [{"count": k, "value": v} for k, v in result["counts"].items()]
     table += [{"count": k, "value": round(v, 4)} for k, v in result["metrics"].items()]
-    artifact_key = f"{layout.run}-{out.label}".lower().replace("/", "-").replace("_", "-").replace(".", "-")
+    key_prefix = artifact_key(layout.run, out.label)
     create_table_artifact(
-        key=artifact_key,
+        key=key_prefix,
         table=table,
         description=f"**{out.label}** of run `{layout.run}`: {state}; cache key `{key}`; manifest `{ref.path}`",
     )
@@ -102,7 +107,7 @@ def run_stage(
         if Path(path).exists():
             data = base64.b64encode(Path(path).read_bytes()).decode()
             create_markdown_artifact(
-                key=f"{artifact_key}-image-{i}",
+                key=f"{key_prefix}-image-{i}",
                 markdown=f"### {out.label}: {title}\n\n![{title}](data:image/png;base64,{data})\n\n`{path}`",
                 description=f"{out.label} of run `{layout.run}`: {title}",
             )
@@ -167,7 +172,7 @@ def progress_reporter(layout: RunLayout, out: StageDir, unit: str = "shards") ->
         value = 100.0 * done / max(total, 1)
         text = f"{out.label} of run `{layout.run}`: {done}/{total} {unit}"
         if "id" not in state:
-            key = f"{layout.run}-{out.label}-progress".lower().replace("/", "-").replace("_", "-")
+            key = artifact_key(layout.run, f"{out.label}-progress")
             state["id"] = create_progress_artifact(progress=value, key=key, description=text)
         else:
             update_progress_artifact(state["id"], progress=value, description=text)
@@ -262,6 +267,7 @@ def evaluate_flow(run: str, runs_root: str, config: dict[str, Any], round: int =
     }
     if round > 1:
         inputs["previous"] = _upstream(layout, "finetune", run, runs_root, config, round - 1)
+        inputs["previous_evaluation"] = _upstream(layout, "evaluate", run, runs_root, config, round - 1)
     if cfg.evaluate.win_rates:
         inputs["reward_model"] = _upstream(layout, "train_reward", run, runs_root, config, round)
     out = layout.stage("evaluate", round)

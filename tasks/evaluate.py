@@ -28,12 +28,17 @@ numbers (and the previous round's) into keep or stop for the pipeline.
 The `evaluation` manifest holds one row per policy role × pair (`eval_id` = role-prompt_id-k); the
 aggregates, intervals, win rates and the warning are the stage's metrics (stage.json, the UI).
 A policy that two roles share (round 1's previous policy is the base; a round whose finetune
-changed nothing) is sampled once and its rows point at the same files. Sampling runs in this
+changed nothing) is sampled once and its rows point at the same files. With a
+`previous_evaluation` input (the pipeline passes round k-1's from round 2 on), a policy that
+evaluation already sampled on the same pairs with the same sampling settings (the base, the
+previous round's policy) is not sampled again: its rows reuse those files, verdicts and metrics,
+and only the rewards are rescored with this round's reward model. Sampling runs in this
 process: the world's 3 × 256 tiny samples take about a minute on 2 cores.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -269,6 +274,51 @@ def reward_folder(inputs: Mapping[str, ManifestRef], cfg: EvaluateConfig, layout
     return str(layout.resolve(rows[0]["path"]))
 
 
+REUSE_SETTINGS = ("steps", "guidance", "judge", "metrics")  # what decides a sample and its stored verdicts
+
+
+def reusable_rows(
+    previous: Sequence[Mapping[str, Any]], previous_cfg: Mapping[str, Any] | None, policy_id: str,
+    pairs: Sequence[Mapping[str, Any]], cfg: EvaluateConfig,
+) -> list[Mapping[str, Any]] | None:
+    """The previous evaluation's rows of `policy_id` for exactly these (prompt, seed) pairs, in pair
+    order, when it sampled with the same settings; None when anything differs (then sample anew)."""
+    here = cfg.model_dump(mode="json")
+    if previous_cfg is None or any(previous_cfg.get(k) != here[k] for k in REUSE_SETTINGS):
+        return None
+    by_pair = {(r["prompt"], r["seed"]): r for r in previous if r["policy_id"] == policy_id}
+    rows = [by_pair.get((p["prompt"], p["seed"])) for p in pairs]
+    return None if any(r is None for r in rows) else rows
+
+
+def rescore_reused(
+    rows: Sequence[Mapping[str, Any]], layout: RunLayout, scorer: Callable | None, fps: float, batch_size: int,
+    keep_frames: int,
+) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """`sample_and_score`'s results from reused rows: the same files and verdicts, this round's rewards."""
+    from tasks.video_io import read_video
+
+    results, kept = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        frames = None
+        if scorer is not None or start < keep_frames:
+            frames = np.stack([read_video(layout.resolve(r["video_path"])) for r in batch])
+        rewards = None
+        if scorer is not None:
+            rewards = np.asarray(scorer(frames, [r["prompt"] for r in batch], fps), dtype=np.float64)
+        for i, r in enumerate(batch):
+            results.append({
+                "video_path": layout.resolve(r["video_path"]),
+                "plausible": r["plausible"], "caption_agreement": r["caption_agreement"],
+                **{f"reward_{d}": None if rewards is None else float(rewards[i, j]) for j, d in enumerate(REWARD_DIMS)},
+                **{m: r[m] for m in METRICS},
+            })
+            if start + i < keep_frames:
+                kept.append(frames[i])
+    return results, kept
+
+
 def sample_and_score(
     policy: PolicyUnderTest,
     pairs: Sequence[Mapping[str, Any]],
@@ -364,8 +414,22 @@ def run(
             progress(done[0], total)
 
     keep = cfg.strip_pairs
+    previous, previous_cfg = [], None
+    if "previous_evaluation" in inputs:
+        previous = read_manifest(inputs["previous_evaluation"].path, "evaluation", layout).rows()
+        marker = layout.resolve(inputs["previous_evaluation"].path).parent / "stage.json"
+        previous_cfg = json.loads(marker.read_text()).get("config") if marker.exists() else None
     results: dict[str, tuple[list[dict], list[np.ndarray]]] = {}
+    reused = 0
     for key, policy in unique.items():
+        old = reusable_rows(previous, previous_cfg, policy.policy_id, pairs, cfg)
+        if old is not None:
+            fps = policy_fps(policy.policy_cfg)
+            results[key] = rescore_reused(old, layout, scorer, fps, cfg.batch_size, keep)
+            reused += 1
+            for _ in range(math.ceil(len(pairs) / cfg.batch_size)):
+                tick()
+            continue
         judge = build_judge(policy.policy_cfg) if cfg.judge else None
         results[key] = sample_and_score(policy, pairs, cfg, videos_dir, judge, scorer, keep, tick)
     # 3. the manifest: one row per role and pair, in pair order
@@ -385,7 +449,7 @@ def run(
     warning = hacking_warning(metrics, roles, cfg)
     metrics["reward_hacking_warning"] = 0.0 if warning is None else warning
     counts = {"pairs": len(pairs), "prompts": len({p["prompt_id"] for p in pairs}), "policies": len(policies),
-              "policies_sampled": len(unique), "reward_hacking_checked": int(warning is not None)}
+              "policies_sampled": len(unique) - reused, "policies_reused": reused, "reward_hacking_checked": int(warning is not None)}
     images = {}
     by_role = {p.role: p for p in policies}
     if keep:

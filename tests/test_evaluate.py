@@ -3,6 +3,7 @@ the reward-hacking rule and the gate, and a tiny run with a LoRA that `finetune`
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cv2
@@ -23,6 +24,7 @@ from models.video_metrics import (
 )
 from tasks import evaluate, finetune
 from tasks.evaluate import EvaluateConfig, gate, plan_pairs, policy_changed, reward_hacking, win_rate
+from tasks.common import execute_stage
 from tasks.finetune import FinetuneConfig
 from tests.test_finetune import PROMPTS, tiny_round
 
@@ -228,7 +230,9 @@ def test_evaluate_writes_a_valid_manifest_with_the_same_pairs_for_every_policy(t
     assert m["plausibility_round_ci_low"] <= m["plausibility_round"] <= m["plausibility_round_ci_high"]
     assert {f"win_rate_{d}_vs_base" for d in ("vq", "mq", "ta", "overall")} <= set(m)
     assert m["policy_changed"] == 1.0 and m["reward_hacking_warning"] in (0.0, 1.0)
-    assert result.counts == {"pairs": 6, "prompts": 2, "policies": 2, "policies_sampled": 2, "reward_hacking_checked": 1}
+    assert result.counts == {
+        "pairs": 6, "prompts": 2, "policies": 2, "policies_sampled": 2, "policies_reused": 0, "reward_hacking_checked": 1
+    }
     assert ticks[-1] == (4, 4), "2 policies × 2 batches"
     strip = cv2.imread(result.images[next(iter(result.images))])
     assert strip.shape[0] == 4 * (4 * 16 + 8) - 8, "two pairs: base, round, base, round rows (4× scale, 2 px gaps)"
@@ -253,6 +257,30 @@ def test_the_base_evaluated_twice_gives_identical_numbers_and_a_policy_ties_itse
     assert second.metrics["reward_hacking_warning"] == 0.0
     keep, reason = gate(second.metrics, first.metrics, margin=0.0)
     assert not keep and reason.startswith("no change, stop")
+
+
+def test_round_two_reuses_what_round_one_sampled_with_the_same_settings(tiny_run):
+    """With `previous_evaluation`, the base and the previous policy are not sampled again: their rows
+    point at round 1's files with round 1's verdicts and metrics; other sampling settings sample anew."""
+    layout, inputs = tiny_run
+    first, first_rows, _ = evaluate_run(layout, inputs)
+    # as the pipeline runs it: the stage marker records the settings the samples were drawn with
+    outcome = execute_stage(functools.partial(evaluate.run, round=1), layout, layout.stage("evaluate", 1), CFG, inputs)
+    again = {**inputs, "previous": inputs["policy"], "previous_evaluation": outcome.manifest}
+    second, second_rows, ticks = evaluate_run(layout, again, round_=2)
+    assert second.counts["policies_sampled"] == 0 and second.counts["policies_reused"] == 2
+    assert ticks[-1] == (4, 4)
+    same = lambda rows, role: [  # noqa: E731
+        (r["seed"], r["video_path"], r["plausible"], r["reward_mq"], r["motion_smoothness"])
+        for r in rows if r["eval_id"].startswith(f"{role}-")
+    ]
+    assert same(second_rows, "base") == same(first_rows, "base")
+    assert same(second_rows, "round") == same(first_rows, "round")
+    assert all(r["video_path"].startswith("round-01/") for r in second_rows)
+    # other steps: the stored samples are not what this evaluation would draw
+    other = CFG.model_copy(update={"steps": 2})
+    third, _, _ = evaluate_run(layout, again, cfg=other, round_=2)
+    assert third.counts["policies_sampled"] == 2 and third.counts["policies_reused"] == 0
 
 
 def test_missing_reward_model_or_prompts_are_clear_errors(tiny_run, tmp_path):
