@@ -146,6 +146,20 @@ def _check_values(table: pa.Table, c: Contract, path: Path) -> None:
                 name,
                 row,
             )
+    # numeric bounds (NaN and infinities are out of every bound)
+    for name, (low, high) in c.bounds.items():
+        col = table.column(name)
+        bad = pc.invert(pc.is_finite(col)) if pa.types.is_floating(col.type) else pc.is_null(col)
+        if low is not None:
+            bad = pc.or_(bad, pc.less(col, low))
+        if high is not None:
+            bad = pc.or_(bad, pc.greater(col, high))
+        row = _first_true(pc.and_(bad, pc.is_valid(col)))
+        if row is not None:
+            span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+            raise ContractError(
+                path, f"value {col[row].as_py()!r} is outside {span}", _fix_for(c, name), name, row
+            )
     # unique ids
     ids = table.column(c.id_column).to_pylist()
     if len(set(ids)) != len(ids):
@@ -179,7 +193,11 @@ def _check_paths(table: pa.Table, c: Contract, path: Path, layout: RunLayout) ->
                     name,
                     row,
                 )
-            if excuse is None and not target.exists():
+            try:
+                present = target.exists()
+            except (OSError, ValueError) as err:  # a name too long for the file system, say
+                raise ContractError(path, f"path `{stored[:200]}` cannot be looked up ({err})", "store a plain file path", name, row) from None
+            if excuse is None and not present:
                 raise ContractError(
                     path,
                     f"referenced file `{stored}` does not exist",

@@ -27,8 +27,16 @@ VIDEO_REASONS = frozenset(
         "no_frames",
         "missing_caption",
         "outside_data_roots",
+        # a listing path that is a folder, a FIFO or a device: never opened as a video
+        "not_a_file",
+        # captions with control characters (other than whitespace), or longer than
+        # `ingest.max_caption_chars`: kept as written, never used as a prompt
+        "bad_caption",
+        "caption_too_long",
     }
 )
+# Reasons that concern the caption, not the file: such a row's caption is no prompt.
+CAPTION_REASONS = frozenset({"missing_caption", "bad_caption", "caption_too_long"})
 PAIR_LABELS = frozenset({"A", "B", "tie", "invalid"})
 SPLITS = frozenset({"train", "heldout"})
 DIMENSIONS = ("vq", "mq", "ta")
@@ -59,15 +67,19 @@ class Contract:
     paths: Mapping[str, PathRule] = field(default_factory=dict)
     # What the writer of a bad manifest should do, per column (the default names the stage).
     hints: Mapping[str, str] = field(default_factory=dict)
+    # Inclusive (low, high) bounds of numeric columns (None: unbounded on that side); NaN and
+    # infinities are always out of bounds. Sizes, counts and rates are never negative.
+    bounds: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
     producer: str = ""
 
     def __post_init__(self) -> None:
-        for name in [self.id_column, *self.allowed, *self.paths, *self.hints]:
+        for name in [self.id_column, *self.allowed, *self.paths, *self.hints, *self.bounds]:
             if self.schema.get_field_index(name) < 0:
                 raise ValueError(f"contract `{self.kind}` names column `{name}` that its schema lacks")
         object.__setattr__(self, "allowed", MappingProxyType(dict(self.allowed)))
         object.__setattr__(self, "paths", MappingProxyType(dict(self.paths)))
         object.__setattr__(self, "hints", MappingProxyType(dict(self.hints)))
+        object.__setattr__(self, "bounds", MappingProxyType(dict(self.bounds)))
 
 
 def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
@@ -98,6 +110,7 @@ VIDEOS = Contract(
     allowed={"reason": VIDEO_REASONS, "split": SPLITS},
     paths={"video_path": PathRule(required_unless="reason", outside_reason="outside_data_roots")},
     hints={"caption": "give every video a caption, or keep it with `reason` = `missing_caption`"},
+    bounds={name: (0, None) for name in ("file_bytes", "fps", "num_frames", "width", "height", "duration_s")},
 )
 
 # Ground truth of the embedded world. Only the judge's calibration and `evaluate` read it: the
@@ -152,7 +165,8 @@ SELECTION = Contract(
         ]
     ),
     allowed={"split": SPLITS},
-    paths={"video_path": PathRule(required_unless="reason")},
+    # select passes the `videos` reason on, so a path recorded as outside the roots stays recorded
+    paths={"video_path": PathRule(required_unless="reason", outside_reason="outside_data_roots")},
 )
 
 GENERATIONS = Contract(
@@ -177,6 +191,7 @@ GENERATIONS = Contract(
         ]
     ),
     paths={"video_path": PathRule(), "latent_path": PathRule(), "first_frame_path": PathRule()},
+    bounds={"sample_index": (0, None), "steps": (1, None), "guidance": (0, None), "round": (1, None)},
 )
 
 LABELS = Contract(

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from data_contracts import Lineage, ManifestRef, RunLayout, StageDir, read_manifest, write_manifest
 from data_contracts.lineage import atomic_write_bytes, atomic_write_json
+from data_contracts.schemas import CAPTION_REASONS
 from models.policy import PolicyConfig, load_policy_folder_config
 from tasks.common import StageConfig, StageResult
 
@@ -211,7 +212,9 @@ def select_prompts(
         if "videos" not in inputs:
             raise ValueError(f"{stage}: no prompts; pass the `videos` manifest or set {stage}.prompt_file")
         videos = read_manifest(inputs["videos"].path, "videos", layout)
-        prompts = sorted({r["caption"] for r in videos.rows() if r["split"] == split and r["caption"]})
+        # a caption that ingest recorded as unusable (control characters, too long) is no prompt
+        prompts = sorted({r["caption"] for r in videos.rows()
+                          if r["split"] == split and r["caption"] and r["reason"] not in CAPTION_REASONS})
         if not prompts:
             raise ValueError(
                 f"`{inputs['videos'].path}`: no captions in split `{split}`; ingest with a held-out share "

@@ -90,6 +90,10 @@ class IngestConfig(StageConfig):
     heldout_fraction: float = Field(
         0.1, ge=0, lt=1, description="share of distinct captions held out as evaluation prompts (split by caption, exact)"
     )
+    max_caption_chars: int = Field(
+        4000, ge=1, description="longest caption kept as a prompt (reason `caption_too_long` above it); OpenVid's "
+        "longest are ~2,000 characters, and a text encoder reads a few hundred tokens at most",
+    )
     workers: int = Field(2, ge=1, description="threads rendering/probing videos (OpenCV releases the GIL)")
     world: WorldConfig = Field(default_factory=WorldConfig, description="the embedded world, for `source: synthetic`")
 
@@ -164,10 +168,26 @@ def clean_caption(text: Any) -> str | None:
     return text or None
 
 
-def video_row(video_id: str, file: Path, stored_path: str, caption: str | None, source: str, probe: Any) -> dict[str, Any]:
+def caption_problem(caption: str | None, max_chars: int) -> str | None:
+    """Why a caption cannot be a prompt (`missing_caption`, `bad_caption`, `caption_too_long`), or None.
+
+    Whitespace inside a caption (tab, newline) is fine; other control characters (NUL, escape
+    sequences, DEL) are not text a prompt may hold, and are recorded, not stripped."""
+    if caption is None:
+        return "missing_caption"
+    if any((ord(ch) < 32 and ch not in "\t\n\r") or 0x7F <= ord(ch) < 0xA0 for ch in caption):
+        return "bad_caption"
+    if len(caption) > max_chars:
+        return "caption_too_long"
+    return None
+
+
+def video_row(
+    video_id: str, file: Path, stored_path: str, caption: str | None, source: str, probe: Any, max_caption_chars: int = 4000
+) -> dict[str, Any]:
     """One `videos` row from a probe; the first problem becomes the row's reason. The split is
     decided over all rows afterwards (`assign_splits`)."""
-    reason = probe.reason if not probe.readable else ("missing_caption" if caption is None else None)
+    reason = probe.reason if not probe.readable else caption_problem(caption, max_caption_chars)
     return {
         "video_id": video_id,
         "video_path": stored_path,
@@ -175,7 +195,7 @@ def video_row(video_id: str, file: Path, stored_path: str, caption: str | None, 
         "source": source,
         "split": "train",
         "reason": reason,
-        "file_bytes": file.stat().st_size if file.is_file() else None,
+        "file_bytes": None if probe.reason == "outside_data_roots" else _file_bytes(file),
         "fps": probe.fps,
         "num_frames": probe.num_frames,
         "width": probe.width,
@@ -185,6 +205,13 @@ def video_row(video_id: str, file: Path, stored_path: str, caption: str | None, 
 
 
 # --- 3. the edge: reading sources, writing files ---------------------------------------------
+
+
+def _file_bytes(file: Path) -> int | None:
+    try:
+        return file.stat().st_size if file.is_file() else None
+    except OSError:  # a name too long for the file system, a symlink loop
+        return None
 
 
 def _read_listing(path: Path) -> pa.Table:
@@ -199,6 +226,20 @@ def _read_listing(path: Path) -> pa.Table:
         raise ContractError(path, f"cannot read the listing ({err})", "give a CSV, Parquet or JSONL file") from None
 
 
+def _text_column(table: pa.Table, name: str, listing: Path, key: str) -> list[Any]:
+    """A listing column as Python values; only text (or numbers, for ids and paths) is accepted."""
+    col = table.column(name)
+    t = col.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t) or pa.types.is_integer(t)):
+        raise ContractError(
+            listing,
+            f"column holds {t}, not text",
+            f"give one text value per row, or map another column with `--set ingest.{key}=NAME`",
+            column=name,
+        )
+    return col.to_pylist()
+
+
 def listing_entries(cfg: IngestConfig) -> list[tuple[str, Path, str | None]]:
     """(video id, file, caption) from a listing, with paths resolved against its folder."""
     path = Path(cfg.source)
@@ -211,27 +252,35 @@ def listing_entries(cfg: IngestConfig) -> list[tuple[str, Path, str | None]]:
                 f"add the column, or map yours with `--set ingest.{key}=NAME`",
                 column=column,
             )
-    paths = table.column(cfg.path_column).to_pylist()
-    captions = table.column(cfg.caption_column).to_pylist()
-    ids = table.column(cfg.id_column).to_pylist() if cfg.id_column else [None] * len(paths)
+    paths = _text_column(table, cfg.path_column, path, "path_column")
+    captions = _text_column(table, cfg.caption_column, path, "caption_column")
+    ids = _text_column(table, cfg.id_column, path, "id_column") if cfg.id_column else [None] * len(paths)
     entries = []
     for row, (p, caption, vid) in enumerate(zip(paths, captions, ids, strict=False)):
         if p is None or str(p).strip() == "":
             raise ContractError(path, "empty video path", "give every row a path or remove the row", cfg.path_column, row)
+        if any(ord(ch) < 32 or ord(ch) == 0x7F for ch in str(p)):
+            raise ContractError(
+                path, f"control character in the video path {str(p)[:80]!r}", "give a plain file path", cfg.path_column, row
+            )
         file = Path(str(p))
         file = file if file.is_absolute() else path.parent / file
         entries.append((str(vid) if vid is not None else str(p), file, clean_caption(caption)))
     return entries
 
 
-def folder_entries(cfg: IngestConfig) -> list[tuple[str, Path, str | None]]:
+def folder_entries(cfg: IngestConfig, roots: tuple[Path, ...]) -> list[tuple[str, Path, str | None]]:
     """(video id, file, caption) for every video file under a folder; the caption is the
-    same-name `.txt` beside it."""
+    same-name `.txt` beside it, read only when it lies inside the data roots (a symlink out of
+    the folder is never followed) and only up to a little over `max_caption_chars`."""
     root = Path(cfg.source)
     entries = []
     for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS):
         txt = file.with_suffix(".txt")
-        caption = clean_caption(txt.read_text(errors="replace")) if txt.is_file() else None
+        caption = None
+        if txt.is_file() and inside_roots(txt, roots):
+            with open(txt, "rb") as fh:  # an enormous caption file is read no further than it can matter
+                caption = clean_caption(fh.read(4 * cfg.max_caption_chars + 4).decode(errors="replace"))
         entries.append((file.relative_to(root).with_suffix("").as_posix(), file, caption))
     return entries
 
@@ -243,20 +292,42 @@ def _probe_all(files: list[Path], workers: int) -> list[Any]:
         return list(pool.map(probe_video, files))
 
 
-def ingest_files(cfg: IngestConfig, layout: RunLayout) -> list[dict[str, Any]]:
-    entries = listing_entries(cfg) if Path(cfg.source).is_file() else folder_entries(cfg)
-    source = "listing" if Path(cfg.source).is_file() else "folder"
+def unique_ids(ids: list[str]) -> list[str]:
+    """The ids with repeats told apart (`a`, `a#2`, …), never colliding with an id given as such."""
+    taken = set(ids)
     seen: Counter[str] = Counter()
-    rows = []
-    probes = _probe_all([f for _, f, _ in entries], cfg.workers)
-    for (vid, file, caption), probe in zip(entries, probes, strict=False):
+    out = []
+    for vid in ids:
         seen[vid] += 1
         if seen[vid] > 1:  # a listing naming one video twice keeps both rows, told apart
-            vid = f"{vid}#{seen[vid]}"
-        row = video_row(vid, file, layout.stored_path(file), caption, source, probe)
-        if not inside_roots(file, layout.data_roots):
-            row["reason"] = "outside_data_roots"
-        rows.append(row)
+            n = seen[vid]
+            while f"{vid}#{n}" in taken:
+                n += 1
+            seen[vid] = n
+            vid = f"{vid}#{n}"
+            taken.add(vid)
+        out.append(vid)
+    return out
+
+
+def ingest_files(cfg: IngestConfig, layout: RunLayout) -> list[dict[str, Any]]:
+    """Rows for a folder or listing. A path outside the data roots (absolute, `..`, a symlink
+    out) is recorded with `outside_data_roots` and never opened, not even to probe it."""
+    from tasks.video_io import VideoProbe
+
+    is_listing = Path(cfg.source).is_file()
+    entries = listing_entries(cfg) if is_listing else folder_entries(cfg, layout.data_roots)
+    inside = [inside_roots(file, layout.data_roots) for _, file, _ in entries]
+    probed = iter(_probe_all([f for (_, f, _), ok in zip(entries, inside, strict=True) if ok], cfg.workers))
+    outside = VideoProbe(False, "outside_data_roots", None, None, None, None, None)
+    ids = unique_ids([vid for vid, _, _ in entries])
+    rows = []
+    for vid, (_, file, caption), ok in zip(ids, entries, inside, strict=True):
+        probe = next(probed) if ok else outside
+        rows.append(
+            video_row(vid, file, layout.stored_path(file), caption, "listing" if is_listing else "folder", probe,
+                      cfg.max_caption_chars)
+        )
     return rows
 
 
@@ -283,7 +354,7 @@ def synthesize_world(cfg: IngestConfig, layout: RunLayout, out: StageDir) -> tup
         else:
             write_video(file, clip.frames, w.fps)
         vid = f"w{i:06d}"
-        row = video_row(vid, file, layout.stored_path(file), clip.caption, "synthetic", probe_video(file))
+        row = video_row(vid, file, layout.stored_path(file), clip.caption, "synthetic", probe_video(file), cfg.max_caption_chars)
         truth = {"video_id": vid, **{k: clip.truth[k] for k in _TRUTH_KEYS}}
         truth["scene_json"] = clip.truth["scene"]  # already JSON (Scene.to_json)
         return row, truth

@@ -52,6 +52,8 @@ from tasks.select_scores import (
     score_clip,
 )
 
+# The scores' `error` of a clip too large to decode within `select.scoring.max_decode_mib`.
+TOO_LARGE = "too_large"
 SCORE_COLUMNS = ("motion", "static", "scene_cut", "flicker", "sharpness", "quality", "clip", "physics", "caption")
 
 
@@ -140,7 +142,8 @@ def decide_row(row: Mapping[str, Any], scores: Mapping[str, Any] | None, cfg: Se
     meta_reason = metadata_ok(row, cfg.limits)
     check("metadata", meta_reason is None, meta_reason or "")
     if scores is None or scores.get("error"):
-        check("decoded", False, "decode_failed")
+        too_large = scores is not None and str(scores["error"]).startswith(TOO_LARGE)
+        check("decoded", False, "too_large" if too_large else "decode_failed")
         return passed, reasons[0]
     frame_passed, frame_reason = decide({k: scores[k] for k in ("motion", "static", "scene_cut", "flicker", "sharpness", "quality")}, cfg.thresholds)
     passed.update(frame_passed)
@@ -156,6 +159,12 @@ def decide_row(row: Mapping[str, Any], scores: Mapping[str, Any] | None, cfg: Se
         if cfg.require_caption_agreement and scores.get("caption") is not None:
             check("caption_agreement", scores["caption"] >= 0.5, "caption_disagrees")
     return passed, (reasons[0] if reasons else None)
+
+
+def declared_bytes(row: Mapping[str, Any]) -> float:
+    """Memory the row's decoded RGB frames would take by what its `videos` metadata declares."""
+    dims = [row.get("num_frames"), row.get("width"), row.get("height")]
+    return float(np.prod([max(int(d), 1) for d in dims if d is not None])) * 3.0
 
 
 def final_score(scores: Mapping[str, Any] | None) -> float | None:
@@ -192,7 +201,7 @@ def frame_scores_batch(batch: dict[str, np.ndarray], setup: ScoringSetup) -> dic
     Returns the frames the CLIP actor needs (`frames`) so it does not decode again; a video that
     fails to decode gets an `error` and empty frames.
     """
-    from tasks.video_io import read_video
+    from tasks.video_io import VideoReadError, read_video
 
     judge = _judge(setup) if setup.physics == "judge" else None
     out: dict[str, list] = {k: [] for k in ("video_id", "text", "fps", "frames", "error", *SCORE_COLUMNS)}
@@ -201,12 +210,14 @@ def frame_scores_batch(batch: dict[str, np.ndarray], setup: ScoringSetup) -> dic
         frames = np.zeros((0, 1, 1, 3), np.uint8)
         error = ""
         try:
-            frames = read_video(path)
+            frames = read_video(path, max_bytes=int(setup.scoring.max_decode_mib * 2**20))
             scores.update(score_clip(frames, float(fps), setup.scoring))
             if judge is not None:
                 verdict = judge.judge(frames, str(text))
                 scores["physics"] = float(verdict.plausible)
                 scores["caption"] = float(verdict.caption_agreement)
+        except VideoReadError as err:
+            error = f"{TOO_LARGE}: {err}"[:500] if err.reason == TOO_LARGE else f"{type(err).__name__}: {err}"[:500]
         except Exception as err:  # a bad file fails its row, never the stage
             error = f"{type(err).__name__}: {err}"[:500]
         out["video_id"].append(vid)
@@ -464,13 +475,22 @@ def run(
     scores = load_scores(out, key)
     decoded = 0
     if scores is None:
-        # every readable video is scored, whatever the metadata bounds: bounds are decisions too
-        todo = [r for r in rows if r["reason"] is None]
+        # every readable video is scored, whatever the metadata bounds (bounds are decisions too),
+        # unless its declared size alone passes the decode budget: that is known without opening it
+        budget = cfg.scoring.max_decode_mib * 2**20
+        todo = [r for r in rows if r["reason"] is None and declared_bytes(r) <= budget]
         items = [
             {"video_id": r["video_id"], "path": str(layout.resolve(r["video_path"])), "text": r["caption"], "fps": r["fps"]}
             for r in todo
         ]
         scores = {s["video_id"]: s for s in score_on_ray(items, setup, cfg, ray_address)} if items else {}
+        for r in rows:
+            if r["reason"] is None and declared_bytes(r) > budget:
+                scores[r["video_id"]] = {
+                    "video_id": r["video_id"], **{k: None for k in SCORE_COLUMNS},
+                    "error": f"{TOO_LARGE}: declared {r['num_frames']} frames of {r['width']}x{r['height']} pass "
+                    f"select.scoring.max_decode_mib={cfg.scoring.max_decode_mib:g}",
+                }
         save_scores(out, key, scores)
         decoded = len(items)
     seconds = time.perf_counter() - t0

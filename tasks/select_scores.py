@@ -69,6 +69,10 @@ class ScoreConfig(BaseModel):
     cut_min_chroma: float = Field(0.03, gt=0, description="mean chroma (0-1) below which hue statistics are distrusted; the world's one ball gives ~0.05")
     cut_floor: float = Field(0.02, gt=0, description="distance added to the neighbours' change so that noise on a still clip is not a cut")
     luma_floor: float = Field(32.0, gt=0, description="mean grey level flicker is taken relative to at least, so noise in dark clips is not flicker")
+    max_decode_mib: float = Field(
+        2048.0, gt=0, description="memory one clip may take decoded (RGB frames); a clip declared or found larger "
+        "is not scored (`too_large`): 2 GiB is ~330 frames of 1080p, sample long footage down before selecting",
+    )
 
 
 class ScoreThresholds(BaseModel):

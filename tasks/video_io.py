@@ -130,11 +130,15 @@ def _iso_box_overrun(path: Path) -> bool:
 
 def _open_capture(path: Path) -> cv2.VideoCapture:
     """Open `path` for decoding or raise VideoReadError with the first reason that applies."""
-    if not path.exists():
-        raise VideoReadError(path, "missing_file", "no such file; check the manifest's video_path")
-    if not path.is_file():
-        raise VideoReadError(path, "not_a_file", "the path is a folder, not a video file")
-    if path.stat().st_size == 0:
+    try:
+        if not path.exists():
+            raise VideoReadError(path, "missing_file", "no such file; check the manifest's video_path")
+        if not path.is_file():
+            raise VideoReadError(path, "not_a_file", "the path is a folder, FIFO or device, not a video file")
+        size = path.stat().st_size
+    except OSError as err:  # a name too long for the file system, a symlink loop
+        raise VideoReadError(path, "missing_file", f"cannot look it up ({err.strerror})") from None
+    if size == 0:
         raise VideoReadError(path, "empty_file", "zero bytes; the writer probably crashed, regenerate it")
     if _iso_box_overrun(path):
         raise VideoReadError(path, "truncated", "the mp4 boxes run past the end of the file; copy or write it again")
@@ -148,25 +152,35 @@ def _open_capture(path: Path) -> cv2.VideoCapture:
     return cap
 
 
-def _decode(cap: cv2.VideoCapture, max_frames: int | None) -> list[np.ndarray]:
-    """Decode frames as RGB until the stream ends or `max_frames` is reached."""
+def _decode(cap: cv2.VideoCapture, max_frames: int | None, max_bytes: int | None, source: Path) -> list[np.ndarray]:
+    """Decode frames as RGB until the stream ends or `max_frames` is reached; raise
+    VideoReadError(`too_large`) as soon as the decoded frames would pass `max_bytes`."""
     frames: list[np.ndarray] = []
+    held = 0
     while max_frames is None or len(frames) < max_frames:
         ok, bgr = cap.read()
         if not ok or bgr is None:
             break
+        held += bgr.nbytes
+        if max_bytes is not None and held > max_bytes:
+            raise VideoReadError(
+                source, "too_large",
+                f"{len(frames) + 1} frames of {bgr.shape[1]}x{bgr.shape[0]} pass the decode budget of {max_bytes} bytes",
+            )
         frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     return frames
 
 
-def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
-    """Decode a video into RGB uint8 frames (F,H,W,3); raise VideoReadError when nothing decodes."""
+def read_video(path: str | os.PathLike, max_frames: int | None = None, max_bytes: int | None = None) -> np.ndarray:
+    """Decode a video into RGB uint8 frames (F,H,W,3); raise VideoReadError when nothing decodes,
+    or (`too_large`) when the frames would take more than `max_bytes` of memory: a file whose
+    header claims a small size is not trusted to hold small frames."""
     source = Path(path)
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"{source}: max_frames must be at least 1 or None, got {max_frames}")
     cap = _open_capture(source)
     try:
-        frames = _decode(cap, max_frames)
+        frames = _decode(cap, max_frames, max_bytes, source)
     finally:
         cap.release()
     if not frames:
