@@ -1,8 +1,11 @@
-"""`prefloop`: run the DAG, run one stage, list runs, start the local Prefect server.
+"""`prefloop`: run the DAG, run one stage, list runs, reports, deployments, the local Prefect server.
 
     prefloop run [--run demo] [--config FILE] [--set stage.key=value …]
     prefloop stage ingest --run demo [--round K] [--force]
     prefloop runs
+    prefloop report --run demo                  (runs/demo/report.html)
+    prefloop deploy [--file F] [--only FLOW/NAME]
+    prefloop serve [--file F] [--pool P]
     prefloop server [--stop | --status]
 
 `--help` stays fast: Prefect, torch and Ray are imported inside the commands.
@@ -210,6 +213,61 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    runs_root = _runs_root(args)
+    check_run_name(args.run)
+    layout = RunLayout(runs_root, args.run)
+    if not layout.run_dir.exists():
+        raise SystemExit(f"prefloop report: no run `{args.run}` under {runs_root} (list them with `prefloop runs`)")
+    from flows.report import write_html_report
+
+    print(f"prefloop: report of run `{args.run}` written to {write_html_report(layout)}")
+    return 0
+
+
+def _load_deployments(path: Path | None):
+    from infra.deployments import DEFAULT_FILE, DeploymentSpecError, load_spec
+
+    try:
+        return load_spec(path or DEFAULT_FILE)
+    except DeploymentSpecError as err:
+        raise SystemExit(f"prefloop: {err}") from None
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    spec = _load_deployments(args.file)
+    info = _connect_prefect(_runs_root(args))
+    from infra.deployments import DeploymentSpecError, deploy
+
+    try:
+        applied = deploy(spec, only=args.only)
+    except DeploymentSpecError as err:
+        raise SystemExit(f"prefloop: {err}") from None
+    for planned, deployment_id in applied:
+        print(f"  {planned.full_name:<34} pool {planned.work_pool:<14} {planned.schedule_text}")
+        print(f"  {'':<34} {info.ui_url}/deployments/deployment/{deployment_id}")
+    pools = sorted({p.work_pool for p, _ in applied})
+    print(f"prefloop: {len(applied)} deployment(s) on {info.api_url}; work pools and their limits: {info.ui_url}/work-pools")
+    for pool in pools:
+        print(f"  start a worker for `{pool}`: PREFECT_API_URL={info.api_url} {Path(sys.executable).parent / 'prefect'} "
+              f"worker start --pool {pool}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    spec = _load_deployments(args.file)
+    info = _connect_prefect(_runs_root(args))
+    from infra.deployments import DeploymentSpecError, serve
+
+    print(f"prefloop: serving deployments{' of pool ' + args.pool if args.pool else ''} against {info.ui_url} "
+          "(Ctrl-C stops; their schedules pause)", flush=True)
+    try:
+        serve(spec, pool=args.pool)
+    except DeploymentSpecError as err:
+        raise SystemExit(f"prefloop: {err}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefloop", description="Preference alignment of text-to-video models.")
     parser.add_argument("--runs-root", help="folder holding the runs (default: ./runs, or $PREFLOOP_RUNS)")
@@ -233,6 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("runs", help="list runs and the status of their stages")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("report", help="write the run's report (plots, tables, frame strips) as one HTML file")
+    p.add_argument("--run", default="demo", help="run name (default: demo)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("deploy", help="create the work pools and deployments of infra/deployments.yaml on the server")
+    p.add_argument("--file", type=Path, help="deployments file (default: infra/deployments.yaml)")
+    p.add_argument("--only", action="append", default=[], metavar="FLOW/NAME",
+                   help="apply only this deployment, e.g. iterative_alignment/nightly (repeatable)")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("serve", help="run the deployments of infra/deployments.yaml in this process (no worker)")
+    p.add_argument("--file", type=Path, help="deployments file (default: infra/deployments.yaml)")
+    p.add_argument("--pool", help="serve only the deployments of this work pool, at its concurrency limit")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("server", help="start the local Prefect server (UI included) on a free port")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")

@@ -38,6 +38,10 @@ class RunSection(BaseModel):
     )
     task_retries: int = Field(1, ge=0, description="Prefect retries of a failed stage task")
     rounds: int = Field(1, ge=0, description="alignment rounds after select (IPO runs 3); each round is generate → … today generate only")
+    gate: bool = Field(
+        True, description="stop the loop when a round's gate says stop; false runs every round whatever it says "
+        "(smoke tests, fixed schedules): the verdict is still logged and reported",
+    )
     ray_address: str | None = Field(
         None, description="join this Ray cluster (host:port or ray://host:port); None starts a local Ray per stage"
     )

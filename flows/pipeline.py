@@ -5,7 +5,8 @@
 Each stage is its own flow in flows/stages.py. `bootstrap` runs for the embedded world only.
 Round k+1 samples with round k's LoRA. After each round's `evaluate`, the gate keeps the round's
 policy only if its held-out judge plausibility beats the previous one by `evaluate.gate_margin`;
-otherwise the loop stops there and says why (the run still completes).
+otherwise the loop stops there and says why (the run still completes; `run.gate=false` goes on).
+After each round's gate, the round's report (flows/report.py) is written and published.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prefect import flow, get_run_logger
 
 from data_contracts import read_marker
 from flows.config import RunConfig
+from flows.report import report_task
 from flows.stages import (
     bootstrap_flow,
     evaluate_flow,
@@ -50,7 +52,8 @@ def iterative_alignment(run: str, runs_root: str, config: dict[str, Any], force:
         keep, reason = gate(current, previous, cfg.evaluate.gate_margin)
         logger.info("run %s round %d gate: %s", run, k, reason)
         outputs[f"round-{k:02d}/gate"] = reason
-        if not keep:
+        outputs[f"round-{k:02d}/report"] = report_task(layout, k)
+        if not keep and cfg.run.gate:
             break
         previous = current
     for name, ref in outputs.items():
