@@ -84,7 +84,10 @@ class DeploymentSpec(_Strict):
         if cron is not None:
             from prefect.client.schemas.schedules import CronSchedule
 
-            CronSchedule(cron=cron)  # raises with croniter's reason
+            try:
+                CronSchedule(cron=cron)
+            except ValidationError:
+                raise ValueError(f"`{cron}` is not a cron string; write five fields, e.g. `0 2 * * *` (02:00 daily)") from None
         return cron
 
     @model_validator(mode="after")
