@@ -17,6 +17,7 @@ embedded world cannot download either, so this stage trains them from scratch on
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def run(inputs: Mapping[str, ManifestRef], cfg: BootstrapConfig, layout: RunLayo
         raise ValueError(f"bootstrap: {len(rows)} usable training clips in {videos.ref.path}; ingest more clips")
     # Clips shorter than the storyboard still train: the model pads by repeating the last frame.
     frames = [read_video(layout.resolve(r["video_path"])) for r in rows]
+    t0 = time.perf_counter()
     clip = train_clip(frames, [r["caption"] for r in rows], cfg.clip, seed=cfg.seed)
     clip_dir = out.files("clip")
     save_clip(clip, clip_dir)
@@ -87,7 +89,9 @@ def run(inputs: Mapping[str, ManifestRef], cfg: BootstrapConfig, layout: RunLayo
     metrics = {f"clip_{k}": float(v) for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     counts = {"training_clips": len(rows)}
     images: dict[str, str] = {}
+    compute = time.perf_counter() - t0
     if cfg.train_policy:
+        t0 = time.perf_counter()
         heldout = sorted({r["caption"] for r in videos.rows() if r["split"] == "heldout" and r["caption"]})
         row, policy_metrics, strip = bootstrap_policy(frames, [r["caption"] for r in rows], heldout, cfg, layout, out)
         checkpoints.append(row)
@@ -95,6 +99,8 @@ def run(inputs: Mapping[str, ManifestRef], cfg: BootstrapConfig, layout: RunLayo
         counts["policy_training_clips"] = int(policy_metrics.pop("policy_clips"))
         if strip is not None:
             images["base policy samples (held-out prompts; rows: prompt/seed)"] = str(strip)
+        compute += time.perf_counter() - t0
+    metrics["compute_s"] = compute
     ref = write_manifest(checkpoints, "checkpoints", out.manifest_path, layout, lineage)
     return StageResult(ref, counts=counts, metrics=metrics, images=images)
 

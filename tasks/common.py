@@ -36,9 +36,18 @@ class StageConfig(BaseModel):
         return config_hash(self.model_dump(mode="json"))
 
 
+COMPUTE_METRIC = "compute_s"
+
+
 @dataclass(frozen=True)
 class StageResult:
-    """What a stage's `run` returns: its output manifest and the numbers the UI shows."""
+    """What a stage's `run` returns: its output manifest and the numbers the UI shows.
+
+    Every stage that runs a model reports `compute_s` (COMPUTE_METRIC) in its metrics: the wall-clock
+    seconds spent in model compute (sampling, training, scoring, judging); parallel actors count
+    their summed busy seconds divided by the actors used. The rest of a stage's seconds is
+    orchestration, I/O and start-up, which `benchmarks/e2e.py` reports as the overhead share.
+    """
 
     manifest: ManifestRef
     counts: Mapping[str, int] = field(default_factory=dict)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -420,7 +421,7 @@ def run(
         marker = layout.resolve(inputs["previous_evaluation"].path).parent / "stage.json"
         previous_cfg = json.loads(marker.read_text()).get("config") if marker.exists() else None
     results: dict[str, tuple[list[dict], list[np.ndarray]]] = {}
-    reused = 0
+    reused, t0 = 0, time.perf_counter()
     for key, policy in unique.items():
         old = reusable_rows(previous, previous_cfg, policy.policy_id, pairs, cfg)
         if old is not None:
@@ -432,6 +433,7 @@ def run(
             continue
         judge = build_judge(policy.policy_cfg) if cfg.judge else None
         results[key] = sample_and_score(policy, pairs, cfg, videos_dir, judge, scorer, keep, tick)
+    compute = time.perf_counter() - t0  # sampling, judging, metrics, rewards (and their mp4 round trips)
     # 3. the manifest: one row per role and pair, in pair order
     rows = []
     for policy in policies:
@@ -446,6 +448,7 @@ def run(
     roles = [p.role for p in policies]
     metrics = summarise(rows, roles)
     metrics["policy_changed"] = float(changed)
+    metrics["compute_s"] = compute
     warning = hacking_warning(metrics, roles, cfg)
     metrics["reward_hacking_warning"] = 0.0 if warning is None else warning
     counts = {"pairs": len(pairs), "prompts": len({p["prompt_id"] for p in pairs}), "policies": len(policies),

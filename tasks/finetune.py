@@ -146,7 +146,7 @@ def run(
         # Nothing to learn from (every label a tie, invalid or in conflict): the round keeps its
         # policy unchanged rather than failing the DAG; the counts say why, the gate decides.
         ref = write_manifest(ckpt_rows, "checkpoints", out.manifest_path, layout, lineage)
-        return StageResult(ref, counts={**counts, "steps_done": 0, "policy_unchanged": 1})
+        return StageResult(ref, counts={**counts, "steps_done": 0, "policy_unchanged": 1}, metrics={"compute_s": 0.0})
     chosen, rejected = pair_latents(pairs, gens, layout, inputs["generations"].path)
     prompts = [p for p, _, _ in pairs]
     # 2. the round's policy (base + the previous round's LoRA, if any)
@@ -170,7 +170,8 @@ def run(
     lora_dir = save_preference_checkpoint(policy, out.files("lora"), info)
     curves = training_curves_png(info["history"], out.files("figures") / "training_curves.png", cfg.train.method)
     final = {k: float(v) for k, v in info["final"].items() if isinstance(v, (int, float)) and v is not None}
-    metrics = {**{f"final_{k}": v for k, v in final.items()}, "seconds_per_step": float(info["seconds_per_step"])}
+    metrics = {**{f"final_{k}": v for k, v in final.items()}, "seconds_per_step": float(info["seconds_per_step"]),
+               "compute_s": float(info["seconds"])}
     base = next(r for r in ckpt_rows if r["kind"] == "policy")
     rows = [
         dict(base),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -130,11 +131,13 @@ def sample_shard(policy: Any, job: ShardJob) -> dict[str, Any]:
     from tasks.video_io import write_video
 
     started = time.perf_counter()
-    rows = []
+    rows, compute = [], 0.0
     for i in range(0, len(job.items), job.batch_size):
         batch = job.items[i : i + job.batch_size]
+        t0 = time.perf_counter()
         latents = policy.sample_latents([b["prompt"] for b in batch], [b["seed"] for b in batch], job.steps, job.guidance)
         videos = policy.decode(latents)
+        compute += time.perf_counter() - t0
         for item, latent, video in zip(batch, latents, videos, strict=True):
             video_path = Path(job.videos_dir) / f"{item['generation_id']}.mp4"
             write_video(video_path, video, job.fps)
@@ -144,7 +147,7 @@ def sample_shard(policy: Any, job: ShardJob) -> dict[str, Any]:
                 atomic_write_bytes(latent_path, save({"latent": latent.detach().to(torch.float32).cpu().contiguous()}))
             rows.append({**item, "video_path": str(video_path), "latent_path": None if latent_path is None else str(latent_path)})
     record = {"version": SHARD_RECORD_VERSION, "cache_key": job.cache_key, "index": job.index, "rows": rows,
-              "seconds": time.perf_counter() - started}
+              "seconds": time.perf_counter() - started, "compute_seconds": compute, "pid": os.getpid()}
     atomic_write_json(Path(job.record_path), record)
     return record
 
@@ -267,11 +270,13 @@ def run(
             done[job.index] = rows
     resumed = len(done)
     todo = [j for j in jobs if j.index not in done]
+    busy: dict[int, float] = {}  # sampling seconds per actor process, for compute_s
     if todo:
         for record in sample_on_ray(
             todo, policy_cfg, lora, cfg, ray_address, progress, len(done), len(jobs), worker_cls or PolicyWorker
         ):
             done[record["index"]] = record["rows"]
+            busy[record.get("pid", 0)] = busy.get(record.get("pid", 0), 0.0) + record.get("compute_seconds", 0.0)
     # 3. the manifest, in plan order
     rows = []
     for job in jobs:
@@ -284,7 +289,8 @@ def run(
     ref = write_manifest(rows, "generations", out.manifest_path, layout, lineage)
     counts = {"prompts": len({r["prompt_id"] for r in rows}), "samples": len(rows), "shards": len(jobs),
               "shards_resumed": resumed}
-    return StageResult(ref, counts=counts, metrics={"steps": float(steps), "guidance": float(guidance)})
+    return StageResult(ref, counts=counts, metrics={"steps": float(steps), "guidance": float(guidance),
+                                                     "compute_s": sum(busy.values()) / max(len(busy), 1)})
 
 
 def policy_fps(policy_cfg: PolicyConfig) -> float:

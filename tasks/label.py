@@ -716,7 +716,8 @@ def run(
             "critic": critic_id, "rationale": v["rationale"], "raw_response": v["raw"], "round": round,
         })
     ref = write_manifest(rows, "labels", out.manifest_path, layout, lineage)
-    return StageResult(ref, counts=summarize(scored.values(), rows, outcomes), metrics=seconds)
+    metrics = {**seconds, "compute_s": seconds["score_seconds"] + seconds["compare_seconds"]}
+    return StageResult(ref, counts=summarize(scored.values(), rows, outcomes), metrics=metrics)
 
 
 def _scores_tuple(scores: list[float | None] | None) -> tuple[float, float, float] | None:

@@ -521,7 +521,7 @@ def run(
         images["selected and rejected clips"] = str(sheet)
     counts = summarize(out_rows)
     counts["decoded"] = decoded
-    return StageResult(ref, counts=counts, metrics={"scoring_seconds": seconds}, images=images)
+    return StageResult(ref, counts=counts, metrics={"scoring_seconds": seconds, "compute_s": seconds}, images=images)
 
 
 def _apply_diversity_and_top_k(rows: list[dict], cfg: SelectConfig, clip_name: str | None, clip_path: str | None) -> None:

@@ -94,7 +94,7 @@ def run(
     histogram = reward_difference_histogram_png(info, figures / "reward_differences.png")
     # 3. the checkpoint row and the numbers for the UI
     report = info["report"]
-    metrics: dict[str, float] = {"train_seconds": float(info["seconds"])}
+    metrics: dict[str, float] = {"train_seconds": float(info["seconds"]), "compute_s": float(info["seconds"])}
     for line in report:
         dim = str(line["dimension"]).lower()
         for key in ("acc_wo_ties", "acc_w_ties", "epsilon", "random_wo_ties", "random_w_ties"):
