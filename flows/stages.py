@@ -68,6 +68,10 @@ def stage_task(
     }
 
 
+class StageFailed(RuntimeError):
+    """A stage that failed for good (after its retries), named with its run; the cause is chained."""
+
+
 def run_stage(
     run_fn: Callable,
     cfg: StageConfig,
@@ -81,9 +85,13 @@ def run_stage(
     logger = get_run_logger()
     key = stage_lineage(out.stage, inputs, cfg).cache_key
     on_disk = None if force else completed_ref(out, key)
-    result = stage_task.with_options(
-        name=out.label, retries=retries, retry_delay_seconds=2, refresh_cache=on_disk is None
-    )(out.label, key, run_fn, layout, out, cfg, inputs, force)
+    try:
+        result = stage_task.with_options(
+            name=out.label, retries=retries, retry_delay_seconds=2, refresh_cache=on_disk is None
+        )(out.label, key, run_fn, layout, out, cfg, inputs, force)
+    except Exception as err:
+        # The flow run's message (and the CLI's last line) then says which stage stopped the run.
+        raise StageFailed(f"stage `{out.label}` of run `{layout.run}` failed: {type(err).__name__}: {err}") from err
     ref = ManifestRef(**result["manifest"])
     ran = on_disk is None and not result["skipped"]
     state = f"ran in {result['seconds']:.1f}s" if ran else "up to date (skipped)"
