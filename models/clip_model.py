@@ -574,6 +574,11 @@ def load_clip(
     if local:
         folder = path if path.is_dir() else path.parent
         weights = str(folder / WEIGHTS_FILE) if path.is_dir() else str(path)
+        if not weights.endswith(".safetensors"):
+            raise ValueError(
+                f"load_clip: {weights} is not a .safetensors file; local open_clip weights load only as "
+                "safetensors (a pickled .pt/.bin can run code when loaded): convert it with safetensors.torch.save_file"
+            )
         if not Path(weights).is_file():
             raise FileNotFoundError(
                 f"load_clip: no {WEIGHTS_FILE} in {folder}; pass a folder written by save_clip "

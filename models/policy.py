@@ -277,7 +277,10 @@ class Policy:
         dtype = resolve_dtype(cfg.dtype, device)
         model_cls = TRANSFORMER_CLASSES[cfg.family]
         try:
-            transformer = model_cls.from_pretrained(cfg.transformer, subfolder=cfg.transformer_subfolder, torch_dtype=dtype)
+            # safetensors only: a checkpoint that has only pickled weights is refused, never unpickled
+            transformer = model_cls.from_pretrained(
+                cfg.transformer, subfolder=cfg.transformer_subfolder, torch_dtype=dtype, use_safetensors=True
+            )
         except (OSError, ValueError) as err:
             raise OSError(
                 f"policy: cannot load a {model_cls.__name__} from `{cfg.transformer}` "
@@ -596,7 +599,9 @@ def vae_scale_factors(vae: AutoencoderKLWan) -> tuple[int, int]:
 
 def load_wan_vae(name_or_path: str, subfolder: str | None = None) -> AutoencoderKLWan:
     try:
-        return AutoencoderKLWan.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=torch.float32)
+        return AutoencoderKLWan.from_pretrained(
+            name_or_path, subfolder=subfolder, torch_dtype=torch.float32, use_safetensors=True
+        )
     except (OSError, ValueError) as err:
         raise OSError(
             f"policy: cannot load an AutoencoderKLWan from `{name_or_path}` (subfolder {subfolder!r}): {err}. "

@@ -307,7 +307,10 @@ class VlmBackbone(nn.Module):
         common = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": cfg.local_files_only}
         try:
             processor = AutoProcessor.from_pretrained(cfg.vlm_model, **common)
-            model = AutoModelForImageTextToText.from_pretrained(cfg.vlm_model, dtype=torch.float32, **common)
+            # safetensors only: a checkpoint that has only pickled weights is refused, never unpickled
+            model = AutoModelForImageTextToText.from_pretrained(
+                cfg.vlm_model, dtype=torch.float32, use_safetensors=True, **common
+            )
         except OSError as err:
             raise OSError(
                 f"RewardModelConfig.vlm_model={cfg.vlm_model!r}: cannot load it with "
@@ -357,6 +360,11 @@ class VlmBackbone(nn.Module):
         model, _ = cls._load_base(cfg)
         processor = AutoProcessor.from_pretrained(folder / PROCESSOR_DIR, local_files_only=True)
         model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+        if not (folder / ADAPTER_DIR / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"{folder / ADAPTER_DIR}: no adapter_model.safetensors (pickled adapters are not loaded); "
+                "retrain the reward model with this code"
+            )
         peft_model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR, is_trainable=False)
         return cls(cfg, peft_model, processor, architecture)
 

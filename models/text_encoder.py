@@ -214,7 +214,7 @@ def load_text_encoder(
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder=tokenizer_subfolder or "", trust_remote_code=False)
         config = AutoConfig.from_pretrained(source, subfolder=encoder_subfolder or "", trust_remote_code=False)
         model = _encoder_class(config).from_pretrained(
-            source, subfolder=encoder_subfolder or "", dtype=dtype, trust_remote_code=False
+            source, subfolder=encoder_subfolder or "", dtype=dtype, trust_remote_code=False, use_safetensors=True
         )
     except (OSError, ValueError) as err:
         raise OSError(

@@ -349,7 +349,10 @@ class VLMCritic:
         common = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": cfg.local_files_only}
         try:
             self.processor = AutoProcessor.from_pretrained(cfg.model, **common)
-            self.model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=self.dtype, **common)
+            # safetensors only: a checkpoint that has only pickled weights is refused, never unpickled
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                cfg.model, dtype=self.dtype, use_safetensors=True, **common
+            )
         except OSError as err:
             raise OSError(
                 f"VLMConfig.model={cfg.model!r}: cannot load it with local_files_only={cfg.local_files_only} "
