@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from data_contracts import RunLayout
 from data_contracts.lineage import atomic_write_bytes
@@ -37,7 +37,16 @@ class RunSection(BaseModel):
         (), description="folders outside the run that manifests may reference (the ingest source is added itself)"
     )
     task_retries: int = Field(1, ge=0, description="Prefect retries of a failed stage task")
-    rounds: int = Field(1, ge=0, description="alignment rounds after select (IPO runs 3); each round is generate → … today generate only")
+    rounds: int = Field(
+        1, ge=0, description="alignment rounds after select (IPO runs 3); each round is generate → label → "
+        "train_reward → finetune → evaluate → gate"
+    )
+    train_reward: Literal["every_round", "first_round", "never"] = Field(
+        "every_round",
+        description="when the reward model is trained: on every round's labels, on round 1's only (later rounds "
+        "use it), or never (then evaluate.win_rates must be false, and label.critic=reward_model needs "
+        "label.reward_model)",
+    )
     gate: bool = Field(
         True, description="stop the loop when a round's gate says stop; false runs every round whatever it says "
         "(smoke tests, fixed schedules): the verdict is still logged and reported",
@@ -49,6 +58,23 @@ class RunSection(BaseModel):
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="after")
+    def _reward_model_exists(self) -> RunConfig:
+        if self.run.train_reward == "never" and self.evaluate.win_rates:
+            raise ValueError(
+                "run.train_reward=never leaves evaluate without a reward model for its win rates; set "
+                "evaluate.win_rates=false"
+            )
+        return self
+
+    def reward_round(self, round_: int, for_label: bool = False) -> int | None:
+        """The round whose `train_reward` output serves round `round_`'s evaluate (or, `for_label`, its
+        label stage, which runs before that round's reward model exists); None: no trained one."""
+        latest = round_ - 1 if for_label else round_
+        if latest < 1 or self.run.train_reward == "never":
+            return None
+        return 1 if self.run.train_reward == "first_round" else latest
 
     run: RunSection = Field(default_factory=RunSection)
     ingest: IngestConfig = Field(default_factory=IngestConfig)

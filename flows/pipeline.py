@@ -45,7 +45,8 @@ def iterative_alignment(run: str, runs_root: str, config: dict[str, Any], force:
     for k in range(1, cfg.run.rounds + 1):
         outputs[f"round-{k:02d}/generations"] = generate_flow(run, runs_root, config, round=k, force=force)
         outputs[f"round-{k:02d}/labels"] = label_flow(run, runs_root, config, round=k, force=force)
-        outputs[f"round-{k:02d}/reward_model"] = train_reward_flow(run, runs_root, config, round=k, force=force)
+        if cfg.reward_round(k) == k:  # run.train_reward: every round, the first only, or never
+            outputs[f"round-{k:02d}/reward_model"] = train_reward_flow(run, runs_root, config, round=k, force=force)
         outputs[f"round-{k:02d}/policy"] = finetune_flow(run, runs_root, config, round=k, force=force)
         outputs[f"round-{k:02d}/evaluation"] = evaluate_flow(run, runs_root, config, round=k, force=force)
         current = (read_marker(layout.stage("evaluate", k)) or {}).get("metrics", {})

@@ -216,7 +216,14 @@ def label_flow(run: str, runs_root: str, config: dict[str, Any], round: int = 1,
     cfg, layout = _layout(run, runs_root, config)
     inputs = {"generations": _upstream(layout, "generate", run, runs_root, config, round)}
     if cfg.label.critic == "reward_model" and cfg.label.reward_model is None:
-        inputs["checkpoints"] = _upstream(layout, "train_reward", run, runs_root, config, round)
+        # the reward model of an earlier round: this round's is trained on these very labels
+        reward_round = cfg.reward_round(round, for_label=True)
+        if reward_round is None:
+            raise ValueError(
+                f"label.critic=reward_model in round {round}: no earlier round trained a reward model "
+                f"(run.train_reward={cfg.run.train_reward}); set label.reward_model to a reward model folder"
+            )
+        inputs["checkpoints"] = _upstream(layout, "train_reward", run, runs_root, config, reward_round)
     out = layout.stage("label", round)
     run_fn = functools.partial(label.run, round=round, ray_address=cfg.run.ray_address, progress=progress_reporter(layout, out, "batches"))
     ref = run_stage(run_fn, cfg.label, layout, out, inputs, cfg.run.task_retries, force)
@@ -277,7 +284,7 @@ def evaluate_flow(run: str, runs_root: str, config: dict[str, Any], round: int =
         inputs["previous"] = _upstream(layout, "finetune", run, runs_root, config, round - 1)
         inputs["previous_evaluation"] = _upstream(layout, "evaluate", run, runs_root, config, round - 1)
     if cfg.evaluate.win_rates:
-        inputs["reward_model"] = _upstream(layout, "train_reward", run, runs_root, config, round)
+        inputs["reward_model"] = _upstream(layout, "train_reward", run, runs_root, config, cfg.reward_round(round))
     out = layout.stage("evaluate", round)
     run_fn = functools.partial(evaluate.run, round=round, progress=progress_reporter(layout, out, "batches"))
     ref = run_stage(run_fn, cfg.evaluate, layout, out, inputs, cfg.run.task_retries, force)

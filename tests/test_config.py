@@ -67,3 +67,16 @@ def test_ingest_source_folder_becomes_a_data_root(tmp_path):
     cfg = RunConfig(ingest=IngestConfig(source=str(tmp_path)))
     layout = cfg.layout(tmp_path / "runs", "r")
     assert tmp_path.absolute() in layout.data_roots
+
+
+def test_which_round_trains_the_reward_model_each_round_uses():
+    every = resolve_config(overrides=["run.rounds=3"])
+    assert [every.reward_round(k) for k in (1, 2, 3)] == [1, 2, 3]
+    assert [every.reward_round(k, for_label=True) for k in (1, 2, 3)] == [None, 1, 2]  # never the round's own
+    first = resolve_config(overrides=["run.train_reward=first_round"])
+    assert [first.reward_round(k) for k in (1, 2, 3)] == [1, 1, 1]
+    assert [first.reward_round(k, for_label=True) for k in (1, 2, 3)] == [None, 1, 1]
+    never = resolve_config(overrides=["run.train_reward=never", "evaluate.win_rates=false"])
+    assert [never.reward_round(k) for k in (1, 2)] == [None, None]
+    with pytest.raises(ConfigError, match="evaluate.win_rates=false"):
+        resolve_config(overrides=["run.train_reward=never"])
