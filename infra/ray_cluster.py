@@ -124,6 +124,14 @@ def ray_session(
         _stop(active, keep_temp_dir=failed)
 
 
+def current_node_id() -> str:
+    """The id of the Ray node this code runs on, "" outside Ray: stages record which node did
+    which work (generate's shard records, select's scoring nodes), so a multi-node run shows it."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def worker_env(threads_per_worker: int = 1) -> dict[str, str]:
     """Environment variables every Ray worker of this job gets.
 

@@ -30,10 +30,11 @@ from pydantic import Field
 from data_contracts import Lineage, ManifestRef, RunLayout, StageDir, read_manifest, write_manifest
 from data_contracts.lineage import atomic_write_bytes, atomic_write_json
 from data_contracts.schemas import CAPTION_REASONS
+from infra.ray_cluster import current_node_id
 from models.policy import PolicyConfig, load_policy_folder_config
 from tasks.common import StageConfig, StageResult
 
-SHARD_RECORD_VERSION = 1
+SHARD_RECORD_VERSION = 2  # 2: latents encode the written mp4
 
 
 class GenerateConfig(StageConfig):
@@ -124,11 +125,18 @@ class ShardJob:
 
 
 def sample_shard(policy: Any, job: ShardJob) -> dict[str, Any]:
-    """Sample every item of a shard, write its mp4s and latents, then its record (last, atomically)."""
+    """Sample every item of a shard, write its mp4s and latents, then its record (last, atomically).
+
+    The cached latent is the policy's encoding of the mp4 as written — the video the critic judges —
+    not the sampler's raw end point: under CFG that end point leaves the data range (in the world at
+    guidance 5, 7 % of its values lie outside [-1, 1], up to 3.4) and decoding clips it, so training
+    on it would teach the policy values no video has.
+    """
+    import numpy as np
     import torch
     from safetensors.torch import save
 
-    from tasks.video_io import write_video
+    from tasks.video_io import read_video, write_video
 
     started = time.perf_counter()
     rows, compute = [], 0.0
@@ -138,16 +146,20 @@ def sample_shard(policy: Any, job: ShardJob) -> dict[str, Any]:
         latents = policy.sample_latents([b["prompt"] for b in batch], [b["seed"] for b in batch], job.steps, job.guidance)
         videos = policy.decode(latents)
         compute += time.perf_counter() - t0
-        for item, latent, video in zip(batch, latents, videos, strict=True):
-            video_path = Path(job.videos_dir) / f"{item['generation_id']}.mp4"
+        paths = [Path(job.videos_dir) / f"{item['generation_id']}.mp4" for item in batch]
+        for video_path, video in zip(paths, videos, strict=True):
             write_video(video_path, video, job.fps)
+        if job.latents_dir is not None:
+            latents = policy.encode(np.stack([read_video(p) for p in paths]))
+        for item, latent, video_path in zip(batch, latents, paths, strict=True):
             latent_path = None
             if job.latents_dir is not None:
                 latent_path = Path(job.latents_dir) / f"{item['generation_id']}.safetensors"
                 atomic_write_bytes(latent_path, save({"latent": latent.detach().to(torch.float32).cpu().contiguous()}))
             rows.append({**item, "video_path": str(video_path), "latent_path": None if latent_path is None else str(latent_path)})
     record = {"version": SHARD_RECORD_VERSION, "cache_key": job.cache_key, "index": job.index, "rows": rows,
-              "seconds": time.perf_counter() - started, "compute_seconds": compute, "pid": os.getpid()}
+              "seconds": time.perf_counter() - started, "compute_seconds": compute, "pid": os.getpid(),
+              "node_id": current_node_id()}
     atomic_write_json(Path(job.record_path), record)
     return record
 
@@ -269,6 +281,7 @@ def run(
         if rows is not None:
             done[job.index] = rows
     resumed = len(done)
+    nodes: set[str] = set()
     todo = [j for j in jobs if j.index not in done]
     busy: dict[int, float] = {}  # sampling seconds per actor process, for compute_s
     if todo:
@@ -276,6 +289,7 @@ def run(
             todo, policy_cfg, lora, cfg, ray_address, progress, len(done), len(jobs), worker_cls or PolicyWorker
         ):
             done[record["index"]] = record["rows"]
+            nodes.add(record["node_id"])
             busy[record.get("pid", 0)] = busy.get(record.get("pid", 0), 0.0) + record.get("compute_seconds", 0.0)
     # 3. the manifest, in plan order
     rows = []
@@ -288,7 +302,7 @@ def run(
             )
     ref = write_manifest(rows, "generations", out.manifest_path, layout, lineage)
     counts = {"prompts": len({r["prompt_id"] for r in rows}), "samples": len(rows), "shards": len(jobs),
-              "shards_resumed": resumed}
+              "shards_resumed": resumed, "sampling_nodes": len(nodes)}
     return StageResult(ref, counts=counts, metrics={"steps": float(steps), "guidance": float(guidance),
                                                      "compute_s": sum(busy.values()) / max(len(busy), 1)})
 

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from data_contracts import Lineage, ManifestRef, RunLayout, StageDir, config_hash, read_manifest, write_manifest
 from data_contracts.lineage import atomic_write_bytes
+from infra.ray_cluster import current_node_id
 from tasks.common import StageConfig, StageResult
 from tasks.select_scores import (
     MetadataLimits,
@@ -108,6 +109,10 @@ class SelectConfig(StageConfig):
     top_k: int | None = Field(None, ge=1, description="keep at most the k best-scoring passing clips (None: all)")
     workers: int = Field(2, ge=1, description="decode-and-score tasks running at once (one core each)")
     clip_actors: int = Field(1, ge=1, description="open_clip actors (one model each)")
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per open_clip actor; None: the `select` row of infra/resources.py (clamped to "
+        "the GPUs the Ray cluster has). 1 places one actor per GPU, so `clip_actors` = GPUs spreads them over nodes",
+    )
     batch_size: int = Field(64, ge=1, description="videos per map_batches call: Ray Data costs ~tens of ms per task, so small clips go in big batches")
     contact_sheet: int = Field(4, ge=0, description="selected and rejected clips shown in the contact sheet PNG")
 
@@ -204,7 +209,8 @@ def frame_scores_batch(batch: dict[str, np.ndarray], setup: ScoringSetup) -> dic
     from tasks.video_io import VideoReadError, read_video
 
     judge = _judge(setup) if setup.physics == "judge" else None
-    out: dict[str, list] = {k: [] for k in ("video_id", "text", "fps", "frames", "error", *SCORE_COLUMNS)}
+    out: dict[str, list] = {k: [] for k in ("video_id", "text", "fps", "frames", "error", "node_id", *SCORE_COLUMNS)}
+    node_id = current_node_id()
     for vid, path, text, fps in zip(batch["video_id"], batch["path"], batch["text"], batch["fps"], strict=True):
         scores: dict[str, Any] = {k: None for k in SCORE_COLUMNS}
         frames = np.zeros((0, 1, 1, 3), np.uint8)
@@ -225,6 +231,7 @@ def frame_scores_batch(batch: dict[str, np.ndarray], setup: ScoringSetup) -> dic
         out["fps"].append(float(fps))
         out["frames"].append(frames)
         out["error"].append(error)
+        out["node_id"].append(node_id)
         for k in SCORE_COLUMNS:
             out[k].append(np.nan if scores[k] is None else float(scores[k]))
     result = {k: np.asarray(v) for k, v in out.items() if k != "frames"}
@@ -300,8 +307,12 @@ def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, addr
     from infra.ray_cluster import ray_session
     from infra.resources import resources_for
 
-    res = resources_for("select", {"actors": cfg.clip_actors, "batch_size": cfg.batch_size})
+    overrides = {"actors": cfg.clip_actors, "batch_size": cfg.batch_size}
+    if cfg.num_gpus is not None:
+        overrides["num_gpus"] = cfg.num_gpus
     with ray_session(address=address), _no_op_reservation():
+        # GPUs of the cluster, not of this machine: a driver without a GPU may join a GPU cluster
+        res = resources_for("select", overrides, gpus_available=ray.cluster_resources().get("GPU", 0.0))
         # one block per batch: Ray Data's default splits small item lists into many tiny blocks,
         # and per-task overhead then dominates the few milliseconds a small clip costs to score
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // res.batch_size)))
@@ -473,7 +484,7 @@ def run(
     key = config_hash({"videos": videos.ref.content_hash, "clip": clip_hash, "scoring": cfg.scoring_hash()})
     t0 = time.perf_counter()
     scores = load_scores(out, key)
-    decoded = 0
+    decoded = scoring_nodes = 0
     if scores is None:
         # every readable video is scored, whatever the metadata bounds (bounds are decisions too),
         # unless its declared size alone passes the decode budget: that is known without opening it
@@ -484,6 +495,7 @@ def run(
             for r in todo
         ]
         scores = {s["video_id"]: s for s in score_on_ray(items, setup, cfg, ray_address)} if items else {}
+        scoring_nodes = len({s["node_id"] for s in scores.values() if s.get("node_id")})
         for r in rows:
             if r["reason"] is None and declared_bytes(r) > budget:
                 scores[r["video_id"]] = {
@@ -521,6 +533,7 @@ def run(
         images["selected and rejected clips"] = str(sheet)
     counts = summarize(out_rows)
     counts["decoded"] = decoded
+    counts["scoring_nodes"] = scoring_nodes
     return StageResult(ref, counts=counts, metrics={"scoring_seconds": seconds, "compute_s": seconds}, images=images)
 
 

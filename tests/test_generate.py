@@ -96,20 +96,21 @@ def test_generations_manifest_videos_and_latents(run, ray_local):
     rows = read_manifest(result.manifest.path, "generations", layout).rows()
     # 1. K samples for each training prompt (the held-out one stays for evaluate), one shard each 2 samples
     assert len(rows) == 6 and {r["prompt"] for r in rows} == set(PROMPTS[:2])
-    assert result.counts == {"prompts": 2, "samples": 6, "shards": 3, "shards_resumed": 0}
+    assert result.counts == {"prompts": 2, "samples": 6, "shards": 3, "shards_resumed": 0, "sampling_nodes": 1}
     assert {(r["policy_id"], r["steps"], r["guidance"], r["round"]) for r in rows} == {("base", 3, 2.0, 1)}
-    # 2. each latent decodes to the video sampled from that seed; the mp4 holds that video (lossy codec)
+    # 2. the mp4 holds the video sampled from that seed (lossy codec: a random policy samples noise,
+    #    which mp4 keeps only coarsely, so compare each frame's mean colour); the cached latent is the
+    #    encoding of the mp4 as written, what the critic judged: it decodes to the file's frames exactly
     policy = Policy.from_pretrained(PolicyConfig(family="wan", transformer=str(layout.run_dir / "bootstrap/policy/transformer"),
                                                  text_encoder=str(layout.run_dir / "bootstrap/policy/text_encoder"), device="cpu"))
     r = rows[4]
     latent = load_file(layout.resolve(r["latent_path"]))["latent"]
-    direct = policy.sample_latents([r["prompt"]], [r["seed"]], steps=3, guidance=2.0)[0]
-    torch.testing.assert_close(latent, direct, atol=1e-5, rtol=1e-5)
     video = read_video(layout.resolve(r["video_path"]))
     assert video.shape == (8, 16, 16, 3)
-    # a random policy samples noise, which mp4 keeps only coarsely: compare each frame's mean colour
-    decoded = policy.decode(latent[None])[0]
-    assert np.abs(video.mean(axis=(1, 2)) - decoded.mean(axis=(1, 2))).max() < 12
+    sampled = policy.decode(policy.sample_latents([r["prompt"]], [r["seed"]], steps=3, guidance=2.0))[0]
+    assert np.abs(video.astype(float).mean(axis=(1, 2)) - sampled.astype(float).mean(axis=(1, 2))).max() < 12
+    np.testing.assert_array_equal(policy.decode(latent[None])[0], video)
+    assert float(latent.abs().max()) <= 1.0
 
 
 def test_a_restarted_stage_keeps_finished_shards(run, ray_local):
