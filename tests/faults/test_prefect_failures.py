@@ -66,6 +66,7 @@ def test_a_permanent_failure_stops_the_run_naming_stage_and_reason_and_keeps_ear
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert "stage `round-01/label` of run `perm` failed: FileNotFoundError" in last and "is not a folder" in last and str(missing) in last, last
+    assert "Retry 1/1" in out.stdout + out.stderr, "retried once (run.task_retries), then given up"
     layout = RunLayout(runs, "perm")
     finished = {}
     for stage, rnd in (("ingest", None), ("bootstrap", None), ("select", None), ("generate", 1)):
