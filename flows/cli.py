@@ -4,6 +4,7 @@
     prefloop stage ingest --run demo [--round K] [--force]
     prefloop runs
     prefloop report --run demo                  (runs/demo/report.html)
+    prefloop sample --run demo --guidance VQ:MQ:TA=0:1:0 --weight 2 --prompts "a red ball falls" --out DIR
     prefloop deploy [--file F] [--only FLOW/NAME]
     prefloop serve [--file F] [--pool P]
     prefloop server [--stop | --status]
@@ -225,6 +226,43 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    runs_root = _runs_root(args)
+    check_run_name(args.run)
+    layout = RunLayout(runs_root, args.run)
+    if not layout.run_dir.exists():
+        raise SystemExit(f"prefloop sample: no run `{args.run}` under {runs_root} (list them with `prefloop runs`)")
+    from models.reward_guidance import RewardGuidanceConfig, parse_weights
+    from tasks.generate import read_prompt_file
+    from tasks.sample import sample_to_dir
+    from tasks.video_io import read_image
+
+    if len(args.prompts) == 1 and Path(args.prompts[0]).is_file():
+        prompts = read_prompt_file(Path(args.prompts[0]), "sample")
+    else:
+        prompts = [p.strip() for p in args.prompts if p.strip()]
+    try:
+        guidance = None
+        if args.weight > 0:
+            guidance = RewardGuidanceConfig(
+                weights=parse_weights(args.guidance), scale=args.weight, reward_model=args.reward_model,
+                mode=args.mode, max_ratio=args.max_ratio,
+            )
+        first = read_image(args.first_frame) if args.first_frame else None
+        listing = sample_to_dir(
+            layout, prompts, args.out, policy=args.policy, samples_per_prompt=args.samples, seed=args.seed,
+            guidance=guidance, reward_model=args.reward_model, first_frame=first,
+        )
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"prefloop sample: {err}") from None
+    stats = listing["guidance_stats"]
+    guided = "" if stats is None else (
+        f", guided ({listing['guidance_mode']}): {stats['clipped']} of {stats['corrections']} corrections clipped"
+    )
+    print(f"prefloop: {len(listing['samples'])} videos of policy {listing['policy_id']} in {args.out}{guided}")
+    return 0
+
+
 def _load_deployments(path: Path | None):
     from infra.deployments import DEFAULT_FILE, DeploymentSpecError, load_spec
 
@@ -295,6 +333,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the run's report (plots, tables, frame strips) as one HTML file")
     p.add_argument("--run", default="demo", help="run name (default: demo)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sample", help="sample videos from a run's policy, optionally reward-guided (Flow-NRG)")
+    p.add_argument("--run", default="demo", help="run name (default: demo)")
+    p.add_argument("--prompts", nargs="+", required=True, help="prompts, or one text file with a prompt per line")
+    p.add_argument("--out", type=Path, required=True, help="folder for the mp4s and samples.json")
+    p.add_argument("--guidance", default="VQ:MQ:TA=0:1:0", help="reward weights per dimension (default VQ:MQ:TA=0:1:0)")
+    p.add_argument("--weight", type=float, default=0.0, help="guidance scale w of v - w·t/(1-t)·∇r (default 0: none)")
+    p.add_argument("--mode", choices=("auto", "noisy", "clean_x0"), default="auto",
+                   help="reward on x_t (noisy-latent model) or on x̂0 = x_t - t·v (clean model); auto: by the checkpoint")
+    p.add_argument("--max-ratio", type=float, default=1.0, help="clip each correction to this multiple of ‖v‖")
+    p.add_argument("--reward-model", help="reward model folder (default: the run's latest train_reward checkpoint)")
+    p.add_argument("--policy", choices=("latest", "base"), default="latest", help="latest finetuned policy or the base")
+    p.add_argument("--samples", type=int, default=1, help="videos per prompt (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p.add_argument("--first-frame", help="an image (the policy's size) to hold as frame 0 of every video")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("deploy", help="create the work pools and deployments of infra/deployments.yaml on the server")
     p.add_argument("--file", type=Path, help="deployments file (default: infra/deployments.yaml)")

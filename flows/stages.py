@@ -202,6 +202,8 @@ def generate_flow(run: str, runs_root: str, config: dict[str, Any], round: int =
     inputs = {"videos": _upstream(layout, "ingest", run, runs_root, config)}
     if cfg.generate.policy is None:
         inputs["checkpoints"] = _policy_checkpoints(layout, round, run, runs_root, config)
+    if cfg.generate.first_frame == "selection":
+        inputs["selection"] = _upstream(layout, "select", run, runs_root, config)
     out = layout.stage("generate", round)
     run_fn = functools.partial(
         generate.run, round=round, ray_address=cfg.run.ray_address, progress=progress_reporter(layout, out)

@@ -39,7 +39,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ from safetensors.torch import save as safetensors_bytes
 
 from data_contracts.lineage import atomic_write_bytes
 from models.text_encoder import TextEmbeddings, TextEncoder, load_text_encoder
+
+if TYPE_CHECKING:
+    from models.reward_guidance import RewardGuidance
 
 Family = Literal["wan", "cogvideox"]
 TRANSFORMER_CLASSES = {"wan": WanTransformer3DModel, "cogvideox": CogVideoXTransformer3DModel}
@@ -109,6 +112,11 @@ class PolicyConfig(BaseModel):
     flow_shift: float = Field(
         1.0, gt=0, description="time-grid shift σ' = sσ/(1+(s-1)σ); 1: uniform, as the tiny base trains; Wan2.1 480p: 3.0"
     )
+    attention: Literal["full", "sparse_causal"] = Field(
+        "full",
+        description="self-attention of the Wan family: full (as trained), or sparse_causal (HuViDPO: frame i attends "
+        "to frame 0 and frame i-1 only; models/sparse_causal_attention.py)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PolicyConfig:
@@ -123,6 +131,11 @@ class PolicyConfig(BaseModel):
             )
         if self.pixel_space and self.channels != 3:
             raise ValueError(f"policy: pixel_space=true works on RGB frames: channels must be 3, not {self.channels}")
+        if self.attention == "sparse_causal" and self.family != "wan":
+            raise ValueError(
+                "policy: attention=sparse_causal is an attention processor of the Wan family; CogVideoX's joint "
+                "text-video attention has no such option here: set family=wan or attention=full"
+            )
         return self
 
 
@@ -269,6 +282,11 @@ class Policy:
         self.vae = None if vae is None else vae.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
         self._empty: TextEmbeddings | None = None
         self.latent_shape = self._check_shapes()
+        if cfg.attention == "sparse_causal":
+            from models.sparse_causal_attention import use_sparse_causal_attention
+
+            _, ph, pw = self.transformer.config.patch_size
+            use_sparse_causal_attention(self.transformer, (self.latent_shape[2] // ph) * (self.latent_shape[3] // pw))
 
     @classmethod
     def from_pretrained(cls, cfg: PolicyConfig) -> Policy:
@@ -386,6 +404,29 @@ class Policy:
         x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return x.permute(0, 2, 3, 4, 1).cpu().numpy()
 
+    @torch.no_grad()
+    def encode_first_frame(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, H, W, 3) -> latent frame 0 (B, C, H', W') in float32.
+
+        Pixel space: the image scaled to [-1, 1], so a frame held at this value decodes to the same
+        uint8 image. VAE: Wan's VAE is causal in time (its first latent frame encodes pixel frame 0
+        alone), so the image is encoded as a one-frame clip and its normalised latent is what the
+        sampler holds; it decodes to the VAE's reconstruction of the image, not the image bit for bit.
+        """
+        image = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+        expected = (self.cfg.height, self.cfg.width, 3)
+        if image.ndim != 4 or tuple(image.shape[1:]) != expected or image.dtype != torch.uint8:
+            raise ValueError(
+                f"policy.encode_first_frame: expected uint8 images (B, {', '.join(map(str, expected))}), got "
+                f"{image.dtype} {tuple(image.shape)}; resize the first frames to the policy's height/width"
+            )
+        x = image.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        if self.vae is None:
+            return x
+        mean, inv_std = self._latent_stats()
+        z = self.vae.encode(x.unsqueeze(2)).latent_dist.mode()
+        return ((z - mean) * inv_std)[:, :, 0].float()
+
     def _latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.vae.config
         mean = torch.tensor(c.latents_mean, device=self.device).view(1, c.z_dim, 1, 1, 1)
@@ -459,9 +500,23 @@ class Policy:
 
     @torch.no_grad()
     def sample_latents(
-        self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None, guidance: float | None = None
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        steps: int | None = None,
+        guidance: float | None = None,
+        *,
+        first_frame: np.ndarray | torch.Tensor | None = None,
+        reward_guidance: RewardGuidance | None = None,
     ) -> torch.Tensor:
-        """Euler integration of dx/dt = ṽ from t=1 to 0 with ṽ = v_u + g·(v_c - v_u)."""
+        """Euler integration of dx/dt = ṽ from t=1 to 0 with ṽ = v_u + g·(v_c - v_u).
+
+        `first_frame` (uint8 (B, H, W, 3), HuViDPO): latent frame 0 is held on the path of the given
+        frame: at every step frame 0 of x_t is replaced by `(1-t)·x0_f + t·ε_0` (ε_0 the seed's noise
+        of frame 0), and the end point's frame 0 is x0_f itself (`encode_first_frame` says what that
+        reproduces). `reward_guidance` (Flow-NRG, models/reward_guidance.py): after CFG,
+        `ṽ = v - w·t/(1-t)·∇_x r(x_t, y, t)` at every step but t = 1.
+        """
         # 1. check inputs
         if isinstance(prompts, str) or len(prompts) != len(seeds):
             raise ValueError(
@@ -471,6 +526,16 @@ class Policy:
         guidance = self.cfg.guidance_scale if guidance is None else float(guidance)
         if steps < 1 or guidance < 1.0:
             raise ValueError(f"policy.sample: steps={steps} must be ≥ 1 and guidance={guidance} ≥ 1 (1: no guidance)")
+        x0_f = None
+        if first_frame is not None:
+            x0_f = self.encode_first_frame(first_frame)
+            if x0_f.shape[0] != len(prompts):
+                raise ValueError(f"policy.sample: {x0_f.shape[0]} first frames for {len(prompts)} prompts; give one per prompt")
+        if reward_guidance is not None and self.vae is not None:
+            raise ValueError(
+                "policy.sample: reward guidance needs a pixel-space policy (the reward model reads RGB frames and "
+                "differentiating through the Wan VAE decoder is not implemented); sample without reward guidance"
+            )
         # 2. conditional and unconditional text, in one batch
         batch = len(prompts)
         text = self.encode_text(prompts)
@@ -478,21 +543,40 @@ class Policy:
             text = TextEmbeddings.cat([text, self.empty_text(batch)])
         # 3. integrate from noise to data
         x = self.initial_noise(seeds)
+        eps_0 = x[:, :, 0].float().clone()
         grid = self.time_grid(steps)
         for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+            if x0_f is not None:
+                x[:, :, 0] = ((1 - t) * x0_f + t * eps_0).to(self.dtype)
             xin = torch.cat([x, x]) if guidance != 1.0 else x
             v = self.velocity(xin, t.expand(xin.shape[0]), text.embeddings, text.mask).float()
             if guidance != 1.0:
                 v_cond, v_uncond = v.chunk(2)
                 v = v_uncond + guidance * (v_cond - v_uncond)
+            if reward_guidance is not None and float(t) < 1.0:
+                v = v - reward_guidance.correction(x.float(), v, float(t), prompts)
             x = (x.float() + (t_next - t).item() * v).to(self.dtype)
+        if x0_f is not None:
+            x[:, :, 0] = x0_f.to(self.dtype)
+        if reward_guidance is not None:
+            reward_guidance.report_clipping()
         return x
 
     def sample(
-        self, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None, guidance: float | None = None
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        steps: int | None = None,
+        guidance: float | None = None,
+        *,
+        first_frame: np.ndarray | torch.Tensor | None = None,
+        reward_guidance: RewardGuidance | None = None,
     ) -> np.ndarray:
         """uint8 videos (B, F, H, W, 3), one per (prompt, seed); the same seed gives the same video in any batch."""
-        return self.decode(self.sample_latents(prompts, seeds, steps, guidance))
+        latents = self.sample_latents(
+            prompts, seeds, steps, guidance, first_frame=first_frame, reward_guidance=reward_guidance
+        )
+        return self.decode(latents)
 
     # -- LoRA -----------------------------------------------------------------------------------
 

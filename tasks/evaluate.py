@@ -52,6 +52,7 @@ from pydantic import Field
 from data_contracts import Lineage, ManifestRef, RunLayout, StageDir, read_manifest, write_manifest
 from models.policy import PolicyConfig
 from models.policy_training import frame_strip_png, wilson_interval
+from models.reward_guidance import RewardGuidance, RewardGuidanceConfig
 from models.video_metrics import METRICS, VideoMetricsConfig, video_metrics
 from tasks.common import StageConfig, StageResult
 from tasks.generate import load_sampler, policy_fps, policy_from_checkpoints, prompt_id, sample_seed, select_prompts
@@ -100,6 +101,10 @@ class EvaluateConfig(StageConfig):
     strip_pairs: int = Field(6, ge=0, description="pairs drawn in the frame strip (rows alternate base and round)")
     metrics: VideoMetricsConfig = Field(
         default_factory=VideoMetricsConfig, description="working sizes and thresholds of the VBench-like metrics"
+    )
+    reward_guidance: RewardGuidanceConfig = Field(
+        default_factory=RewardGuidanceConfig,
+        description="Flow-NRG guidance for every policy's samples (scale 0: off); reward_model None: the `reward_model` input",
     )
 
 
@@ -275,7 +280,19 @@ def reward_folder(inputs: Mapping[str, ManifestRef], cfg: EvaluateConfig, layout
     return str(layout.resolve(rows[0]["path"]))
 
 
-REUSE_SETTINGS = ("steps", "guidance", "judge", "metrics")  # what decides a sample and its stored verdicts
+def guidance_reward_folder(inputs: Mapping[str, ManifestRef], cfg: EvaluateConfig, layout: RunLayout) -> str | None:
+    """The reward model that guides sampling: `reward_guidance.reward_model`, else the `reward_model` input."""
+    if not cfg.reward_guidance.enabled or cfg.reward_guidance.reward_model is not None:
+        return cfg.reward_guidance.reward_model
+    if "reward_model" not in inputs:
+        raise ValueError(
+            "evaluate.reward_guidance.scale > 0 but there is no reward model: set evaluate.reward_guidance.reward_model "
+            "or pass train_reward's checkpoints as the `reward_model` input"
+        )
+    return reward_folder(inputs, cfg.model_copy(update={"win_rates": True}), layout)
+
+
+REUSE_SETTINGS = ("steps", "guidance", "judge", "metrics", "reward_guidance")  # what decides a sample and its stored verdicts
 
 
 def reusable_rows(
@@ -329,8 +346,10 @@ def sample_and_score(
     scorer: Callable[[np.ndarray, Sequence[str], float], np.ndarray] | None,
     keep_frames: int,
     tick: Callable[[], None],
+    guidance_folder: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """Sample every pair, write its mp4, and judge, measure and score it as decoded from the file.
+    """Sample every pair (with reward guidance when `cfg.reward_guidance` is on), write its mp4, and
+    judge, measure and score it as decoded from the file.
 
     Returns one result per pair (path, verdicts, rewards, metrics) and the decoded frames of the
     first `keep_frames` pairs (for the strip)."""
@@ -338,11 +357,16 @@ def sample_and_score(
 
     sampler = load_sampler(policy.policy_cfg, policy.lora)
     fps = policy_fps(policy.policy_cfg)
+    steer = None
+    if cfg.reward_guidance.enabled:
+        steer = RewardGuidance.from_reward_model(cfg.reward_guidance, guidance_folder, fps, str(sampler.device))
     results, kept = [], []
     for start in range(0, len(pairs), cfg.batch_size):
         batch = pairs[start : start + cfg.batch_size]
         # 1. sample, write, decode: every number below is about the file the manifest points at
-        videos = sampler.sample([p["prompt"] for p in batch], [p["seed"] for p in batch], cfg.steps, cfg.guidance)
+        videos = sampler.sample(
+            [p["prompt"] for p in batch], [p["seed"] for p in batch], cfg.steps, cfg.guidance, reward_guidance=steer
+        )
         paths = [videos_dir / policy.role / f"{p['prompt_id']}-{p['sample_index']:03d}.mp4" for p in batch]
         decoded = []
         for path, video in zip(paths, videos, strict=True):
@@ -402,6 +426,7 @@ def run(
     folder = reward_folder(inputs, cfg, layout)
     changed = policy_changed(read_manifest(inputs["policy"].path, "checkpoints", layout).rows(), round)
     scorer = load_reward_scorer(folder) if folder is not None else None
+    guidance_folder = guidance_reward_folder(inputs, cfg, layout)
     # 2. sample each distinct policy once (the first role that has it names its files)
     videos_dir = out.files("videos")
     unique: dict[str, PolicyUnderTest] = {}
@@ -432,7 +457,7 @@ def run(
                 tick()
             continue
         judge = build_judge(policy.policy_cfg) if cfg.judge else None
-        results[key] = sample_and_score(policy, pairs, cfg, videos_dir, judge, scorer, keep, tick)
+        results[key] = sample_and_score(policy, pairs, cfg, videos_dir, judge, scorer, keep, tick, guidance_folder)
     compute = time.perf_counter() - t0  # sampling, judging, metrics, rewards (and their mp4 round trips)
     # 3. the manifest: one row per role and pair, in pair order
     rows = []

@@ -137,6 +137,9 @@ def run(
     # 1. pairs and their cached latents
     labels = read_manifest(inputs["labels"].path, "labels", layout).rows()
     gens = read_manifest(inputs["generations"].path, "generations", layout).rows()
+    if any(g["first_frame_path"] for g in gens) and not cfg.train.exclude_first_frame:
+        # HuViDPO: generate held frame 0 at the given frame, so its error says nothing of the preference
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"exclude_first_frame": True})})
     pairs, left_out = preference_pairs(labels, cfg.prefer)
     if cfg.max_pairs is not None:
         pairs = pairs[: cfg.max_pairs]

@@ -6,6 +6,13 @@ so a rerun, a retried shard or another machine draws the same video. Each sample
 an mp4 (what critics and people look at) and as a latent safetensors file (what `finetune`
 trains on, so training never re-encodes a lossy mp4).
 
+Options (ALGORITHMS.md §4, §7): `first_frame` anchors every sample of a prompt on a given frame 0
+(HuViDPO): frame 0 of a selected real video whose caption is the prompt (`selection`), or an image
+named per prompt in a JSON file (`file`). Each prompt's frame is written once as a lossless PNG under
+`first_frames/`, recorded in the manifest's `first_frame_path`, and held fixed by the sampler;
+`finetune` then drops frame 0 from the DPO errors. `reward_guidance` steers sampling toward weighted
+reward dimensions (Flow-NRG, `models/reward_guidance.py`).
+
 The work is cut into shards of `shard_size` samples. A Ray actor pool (one policy loaded per
 actor, `num_gpus` per actor from `infra/resources.py`) samples a shard in batches and records it
 in `shards/shard-NNNNN.json` after its files are on disk; a restarted stage keeps every shard
@@ -32,6 +39,7 @@ from data_contracts.lineage import atomic_write_bytes, atomic_write_json
 from data_contracts.schemas import CAPTION_REASONS
 from infra.ray_cluster import current_node_id
 from models.policy import PolicyConfig, load_policy_folder_config
+from models.reward_guidance import RewardGuidanceConfig
 from tasks.common import StageConfig, StageResult
 
 SHARD_RECORD_VERSION = 2  # 2: latents encode the written mp4
@@ -54,6 +62,18 @@ class GenerateConfig(StageConfig):
     write_latents: bool = Field(True, description="cache each sample's latents (safetensors) for training")
     policy: PolicyConfig | None = Field(
         None, description="the policy to sample (hub ids or folders); None: the policy in the input `checkpoints`"
+    )
+    first_frame: Literal["none", "selection", "file"] = Field(
+        "none",
+        description="none: unconditioned (the world's default); selection: frame 0 of a selected real video whose "
+        "caption is the prompt (HuViDPO); file: the image named for the prompt in `first_frame_file`",
+    )
+    first_frame_file: str | None = Field(
+        None, description="first_frame=file: a JSON object {prompt: image path}, paths relative to the file's folder"
+    )
+    reward_guidance: RewardGuidanceConfig = Field(
+        default_factory=RewardGuidanceConfig,
+        description="Flow-NRG reward guidance while sampling (scale 0: off); reward_model must name a checkpoint folder",
     )
 
 
@@ -106,6 +126,38 @@ def shards_of(items: Sequence[dict], shard_size: int) -> list[list[dict]]:
     return [list(items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
 
 
+def first_frame_sources_from_selection(prompts: Sequence[str], rows: Sequence[Mapping[str, Any]], where: str) -> dict[str, str]:
+    """{prompt: stored video path} of the first selected real video (by video_id) whose caption is
+    the prompt; every prompt must have one."""
+    by_caption: dict[str, str] = {}
+    for r in sorted((r for r in rows if r["selected"] and r["caption"]), key=lambda r: r["video_id"]):
+        by_caption.setdefault(r["caption"], r["video_path"])
+    missing = [p for p in prompts if p not in by_caption]
+    if missing:
+        raise ValueError(
+            f"`{where}`: {len(missing)} of {len(prompts)} prompts have no selected real video with that caption "
+            f"(first: {missing[0]!r}); generate.first_frame=selection needs one per prompt: lower generate.max_prompts, "
+            "use first_frame=file, or first_frame=none"
+        )
+    return {p: by_caption[p] for p in prompts}
+
+
+def first_frame_sources_from_file(prompts: Sequence[str], path: Path) -> dict[str, str]:
+    """{prompt: image path} from a JSON object {prompt: path}; relative paths are relative to the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"generate: first_frame_file `{path}` does not exist; write a JSON object {{prompt: image}}")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"`{path}`: not valid JSON ({err}); write an object {{prompt: image path}}") from err
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise ValueError(f"`{path}`: expected a JSON object {{prompt: image path}} with string paths")
+    missing = [p for p in prompts if p not in mapping]
+    if missing:
+        raise ValueError(f"`{path}`: no image for {len(missing)} prompts (first: {missing[0]!r}); add one per prompt")
+    return {p: str((path.parent / mapping[p]) if not Path(mapping[p]).is_absolute() else Path(mapping[p])) for p in prompts}
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Sampling one shard (runs inside an actor, or in-process)
 
@@ -122,6 +174,8 @@ class ShardJob:
     guidance: float | None
     batch_size: int
     fps: float
+    reward_guidance: dict | None = None  # RewardGuidanceConfig as JSON, when enabled
+    reward_folder: str | None = None
 
 
 def sample_shard(policy: Any, job: ShardJob) -> dict[str, Any]:
@@ -136,14 +190,26 @@ def sample_shard(policy: Any, job: ShardJob) -> dict[str, Any]:
     import torch
     from safetensors.torch import save
 
-    from tasks.video_io import read_video, write_video
+    from models.reward_guidance import RewardGuidance
+    from tasks.video_io import read_image, read_video, write_video
 
     started = time.perf_counter()
     rows, compute = [], 0.0
+    steer = None
+    if job.reward_guidance is not None:
+        steer = RewardGuidance.from_reward_model(
+            RewardGuidanceConfig.model_validate(job.reward_guidance), job.reward_folder, job.fps, str(policy.device)
+        )
     for i in range(0, len(job.items), job.batch_size):
         batch = job.items[i : i + job.batch_size]
         t0 = time.perf_counter()
-        latents = policy.sample_latents([b["prompt"] for b in batch], [b["seed"] for b in batch], job.steps, job.guidance)
+        first = None
+        if batch[0].get("first_frame_path"):
+            first = np.stack([read_image(b["first_frame_path"]) for b in batch])
+        latents = policy.sample_latents(
+            [b["prompt"] for b in batch], [b["seed"] for b in batch], job.steps, job.guidance,
+            first_frame=first, reward_guidance=steer,
+        )
         videos = policy.decode(latents)
         compute += time.perf_counter() - t0
         paths = [Path(job.videos_dir) / f"{item['generation_id']}.mp4" for item in batch]
@@ -159,7 +225,7 @@ def sample_shard(policy: Any, job: ShardJob) -> dict[str, Any]:
             rows.append({**item, "video_path": str(video_path), "latent_path": None if latent_path is None else str(latent_path)})
     record = {"version": SHARD_RECORD_VERSION, "cache_key": job.cache_key, "index": job.index, "rows": rows,
               "seconds": time.perf_counter() - started, "compute_seconds": compute, "pid": os.getpid(),
-              "node_id": current_node_id()}
+              "node_id": current_node_id(), "guidance_stats": None if steer is None else steer.stats}
     atomic_write_json(Path(job.record_path), record)
     return record
 
@@ -258,9 +324,19 @@ def run(
     else:
         ckpt = read_manifest(inputs["checkpoints"].path, "checkpoints", layout)
         policy_cfg, lora, policy_id = policy_from_checkpoints(ckpt.rows(), layout, inputs["checkpoints"].path)
-    items = plan_samples(
-        select_prompts(inputs, cfg.prompts, cfg.prompt_file, cfg.max_prompts, layout, "generate"), cfg, round
-    )
+    prompts = select_prompts(inputs, cfg.prompts, cfg.prompt_file, cfg.max_prompts, layout, "generate")
+    items = plan_samples(prompts, cfg, round)
+    frames = prepare_first_frames(prompts, inputs, cfg, policy_cfg, layout, out)
+    for item in items:
+        item["first_frame_path"] = frames.get(item["prompt"])
+    guide, guide_folder = None, None
+    if cfg.reward_guidance.enabled:
+        if cfg.reward_guidance.reward_model is None:
+            raise ValueError(
+                "generate.reward_guidance.scale > 0 but reward_guidance.reward_model is not set; name a train_reward "
+                "checkpoint folder (e.g. runs/<run>/round-01/train_reward/reward_model)"
+            )
+        guide, guide_folder = cfg.reward_guidance.model_dump(mode="json"), cfg.reward_guidance.reward_model
     steps = policy_cfg.steps if cfg.steps is None else cfg.steps
     guidance = policy_cfg.guidance_scale if cfg.guidance is None else cfg.guidance
     videos_dir, latents_dir, records_dir = out.files("videos"), out.files("latents"), out.files("shards")
@@ -270,7 +346,8 @@ def run(
         ShardJob(
             index=i, items=shard, videos_dir=str(videos_dir), latents_dir=str(latents_dir) if cfg.write_latents else None,
             record_path=str(records_dir / f"shard-{i:05d}.json"), cache_key=lineage.cache_key, steps=steps,
-            guidance=guidance, batch_size=cfg.batch_size, fps=policy_fps(policy_cfg),
+            guidance=guidance, batch_size=cfg.batch_size, fps=policy_fps(policy_cfg), reward_guidance=guide,
+            reward_folder=guide_folder,
         )
         for i, shard in enumerate(shards_of(items, cfg.shard_size))
     ]
@@ -284,6 +361,7 @@ def run(
     nodes: set[str] = set()
     todo = [j for j in jobs if j.index not in done]
     busy: dict[int, float] = {}  # sampling seconds per actor process, for compute_s
+    steered = {"corrections": 0, "clipped": 0, "nonfinite": 0}
     if todo:
         for record in sample_on_ray(
             todo, policy_cfg, lora, cfg, ray_address, progress, len(done), len(jobs), worker_cls or PolicyWorker
@@ -291,6 +369,8 @@ def run(
             done[record["index"]] = record["rows"]
             nodes.add(record["node_id"])
             busy[record.get("pid", 0)] = busy.get(record.get("pid", 0), 0.0) + record.get("compute_seconds", 0.0)
+            for k, v in (record.get("guidance_stats") or {}).items():
+                steered[k] += v
     # 3. the manifest, in plan order
     rows = []
     for job in jobs:
@@ -298,13 +378,56 @@ def run(
             rows.append(
                 {**r, "video_path": layout.stored_path(Path(r["video_path"])),
                  "latent_path": None if r["latent_path"] is None else layout.stored_path(Path(r["latent_path"])),
-                 "first_frame_path": None, "policy_id": policy_id, "steps": steps, "guidance": guidance, "round": round}
+                 "first_frame_path": None if not r.get("first_frame_path") else layout.stored_path(Path(r["first_frame_path"])),
+                 "policy_id": policy_id, "steps": steps, "guidance": guidance, "round": round}
             )
     ref = write_manifest(rows, "generations", out.manifest_path, layout, lineage)
     counts = {"prompts": len({r["prompt_id"] for r in rows}), "samples": len(rows), "shards": len(jobs),
               "shards_resumed": resumed, "sampling_nodes": len(nodes)}
-    return StageResult(ref, counts=counts, metrics={"steps": float(steps), "guidance": float(guidance),
-                                                     "compute_s": sum(busy.values()) / max(len(busy), 1)})
+    if cfg.first_frame != "none":
+        counts["first_frame_conditioned"] = sum(1 for r in rows if r["first_frame_path"])
+    metrics = {"steps": float(steps), "guidance": float(guidance), "compute_s": sum(busy.values()) / max(len(busy), 1)}
+    if guide is not None:
+        # counts of the shards sampled in this attempt (resumed shards were counted when they ran)
+        counts.update({f"guidance_{k}": v for k, v in steered.items()})
+        metrics["reward_guidance_scale"] = cfg.reward_guidance.scale
+    return StageResult(ref, counts=counts, metrics=metrics)
+
+
+def prepare_first_frames(
+    prompts: Sequence[str], inputs: Mapping[str, ManifestRef], cfg: GenerateConfig, policy_cfg: PolicyConfig,
+    layout: RunLayout, out: StageDir,
+) -> dict[str, str]:
+    """{prompt: PNG path} of each prompt's first frame, written under the stage's `first_frames/`
+    (losslessly, so the held frame is exactly the given one); {} when first_frame=none."""
+    import numpy as np
+
+    from tasks.video_io import read_image, read_video, write_image
+
+    if cfg.first_frame == "none":
+        return {}
+    if cfg.first_frame == "selection":
+        if "selection" not in inputs:
+            raise ValueError("generate.first_frame=selection needs the `selection` manifest as an input (select's output)")
+        rows = read_manifest(inputs["selection"].path, "selection", layout).rows()
+        sources = first_frame_sources_from_selection(prompts, rows, inputs["selection"].path)
+        load = lambda stored: read_video(layout.resolve(stored), max_frames=1)[0]  # noqa: E731
+    else:
+        if cfg.first_frame_file is None:
+            raise ValueError("generate.first_frame=file needs generate.first_frame_file (a JSON object {prompt: image})")
+        sources = first_frame_sources_from_file(prompts, Path(cfg.first_frame_file))
+        load = read_image
+    folder = out.files("first_frames")
+    frames = {}
+    for prompt, source in sources.items():
+        image = np.ascontiguousarray(load(source))
+        if image.shape != (policy_cfg.height, policy_cfg.width, 3):
+            raise ValueError(
+                f"`{source}`: first frame for {prompt!r} is {image.shape[1]}x{image.shape[0]}, the policy makes "
+                f"{policy_cfg.width}x{policy_cfg.height}; resize it or pick a clip of the policy's size"
+            )
+        frames[prompt] = str(write_image(folder / f"{prompt_id(prompt)}.png", image))
+    return frames
 
 
 def policy_fps(policy_cfg: PolicyConfig) -> float:

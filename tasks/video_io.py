@@ -216,3 +216,32 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
     if claimed > 0 and count < claimed:
         return VideoProbe(False, "truncated", fps, count, width, height, duration)
     return VideoProbe(True, None, fps, count, width, height, duration)
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write one RGB uint8 image (H,W,3) as a lossless PNG at `path`, atomically (first frames: a
+    frame held fixed while sampling must come back bit for bit)."""
+    from data_contracts.lineage import atomic_write_bytes
+
+    target = Path(path)
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"{target}: expected an RGB uint8 image (H, W, 3), got {arr.dtype} {arr.shape}")
+    if target.suffix.lower() != ".png":
+        raise ValueError(f"{target}: first frames are written as PNG (lossless); name the file *.png")
+    ok, data = cv2.imencode(".png", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{target}: OpenCV could not encode the PNG")
+    atomic_write_bytes(target, data.tobytes())
+    return target
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file (PNG, JPEG, …) as RGB uint8 (H,W,3); raise a ValueError naming the file."""
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such image file")
+    bgr = cv2.imread(str(source), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"{source}: OpenCV cannot decode this image; give a PNG or JPEG file")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

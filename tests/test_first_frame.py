@@ -1,0 +1,129 @@
+"""First-frame conditioning (HuViDPO): frame 0 held while sampling, generate's first frames, and
+sparse-causal attention for the Wan family."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+
+from data_contracts import RunLayout
+from models.policy import Policy, PolicyConfig, build_tiny
+from models.sparse_causal_attention import SparseCausalWanAttnProcessor, sparse_causal_mask
+from models.text_encoder import build_text_encoder
+from tasks.generate import (
+    GenerateConfig,
+    ShardJob,
+    first_frame_sources_from_file,
+    first_frame_sources_from_selection,
+    prepare_first_frames,
+    sample_shard,
+)
+from tasks.video_io import read_image, write_image
+
+PROMPTS = ["a red ball falls", "a blue ball rolls to the right"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ff")
+    text = build_text_encoder(PROMPTS, root / "text_encoder")
+    build_tiny("wan", root / "wan", text_dim=text.hidden_size, text_len=text.max_length, layers=2, dim=64, head_dim=32)
+    return root
+
+
+def policy(folders, **overrides) -> Policy:
+    cfg = dict(family="wan", transformer=str(folders / "wan"), text_encoder=str(folders / "text_encoder"),
+               device="cpu", steps=4, guidance_scale=2.0)
+    return Policy.from_pretrained(PolicyConfig(**{**cfg, **overrides}))
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+
+
+def test_first_frame_is_reproduced_exactly_and_the_rest_is_generated(folders):
+    pol = policy(folders)
+    given = images(2)
+    plain = pol.sample(PROMPTS, [1, 2])
+    held = pol.sample(PROMPTS, [1, 2], first_frame=given)
+    np.testing.assert_array_equal(held[:, 0], given)
+    assert not np.array_equal(plain[:, 0], given), "unconditioned samples do not start from the given frame"
+    assert not np.array_equal(held[:, 1:], plain[:, 1:]), "frame 0 conditions the later frames"
+    with pytest.raises(ValueError, match="one per prompt"):
+        pol.sample(PROMPTS, [1, 2], first_frame=given[:1])
+    with pytest.raises(ValueError, match="resize the first frames"):
+        pol.sample(PROMPTS, [1, 2], first_frame=np.zeros((2, 8, 8, 3), np.uint8))
+
+
+def test_sparse_causal_frame_i_depends_only_on_frames_0_i_minus_1_and_i():
+    torch.manual_seed(0)
+    frames, tokens, dim = 5, 4, 32
+    attn = WanAttention(dim=dim, heads=2, dim_head=16, processor=WanAttnProcessor()).eval()
+    sparse = SparseCausalWanAttnProcessor(tokens)
+    x = torch.randn(1, frames * tokens, dim)
+
+    def out(proc, h):
+        attn.set_processor(proc)
+        with torch.no_grad():
+            return attn(h).view(1, frames, tokens, dim)
+
+    base = out(sparse, x)
+    for i in range(frames):
+        for j in range(frames):
+            y = x.clone().view(1, frames, tokens, dim)
+            y[:, j] += torch.randn(1, tokens, dim)
+            moved = not torch.allclose(out(sparse, y.view(1, -1, dim))[:, i], base[:, i], atol=1e-6)
+            assert moved == (j in {0, max(i - 1, 0), i}), (i, j)
+    # the full processor lets every frame see every other (so the check above can fail)
+    y = x.clone().view(1, frames, tokens, dim)
+    y[:, 2] += 1.0
+    assert not torch.allclose(out(WanAttnProcessor(), y.view(1, -1, dim))[:, 4], out(WanAttnProcessor(), x)[:, 4])
+    mask = sparse_causal_mask(3, 1)
+    assert mask.tolist() == [[True, False, False], [True, False, False], [True, True, False]]
+
+
+def test_sparse_causal_policy_option(folders):
+    pol = policy(folders, attention="sparse_causal")
+    procs = [b.attn1.processor for b in pol.transformer.blocks]
+    assert all(isinstance(p, SparseCausalWanAttnProcessor) and p.tokens_per_frame == 16 for p in procs)
+    assert all(not isinstance(b.attn2.processor, SparseCausalWanAttnProcessor) for b in pol.transformer.blocks)
+    full = policy(folders)
+    assert not np.array_equal(pol.sample(PROMPTS, [1, 2]), full.sample(PROMPTS, [1, 2]))
+    with pytest.raises(ValueError, match="Wan family"):
+        PolicyConfig(family="cogvideox", transformer="x", text_encoder="y", attention="sparse_causal")
+
+
+def test_first_frame_sources_and_generate_shard(folders, tmp_path):
+    # 1. from selection: the first selected clip of the caption; a prompt without one is an error
+    rows = [
+        {"video_id": "b", "video_path": "b.mp4", "caption": PROMPTS[0], "selected": True},
+        {"video_id": "a", "video_path": "a.mp4", "caption": PROMPTS[0], "selected": True},
+        {"video_id": "c", "video_path": "c.mp4", "caption": PROMPTS[1], "selected": False},
+    ]
+    assert first_frame_sources_from_selection(PROMPTS[:1], rows, "sel") == {PROMPTS[0]: "a.mp4"}
+    with pytest.raises(ValueError, match="no selected real video"):
+        first_frame_sources_from_selection(PROMPTS, rows, "sel")
+    # 2. from a file: the images are copied as PNGs and held by the sampler
+    given = images(2, seed=3)
+    for k in range(2):
+        write_image(tmp_path / f"img{k}.png", given[k])
+    mapping = tmp_path / "frames.json"
+    mapping.write_text(json.dumps({PROMPTS[0]: "img0.png", PROMPTS[1]: str(tmp_path / "img1.png")}))
+    layout = RunLayout(tmp_path / "runs", "ff")
+    out = layout.stage("generate", round=1)
+    pol = policy(folders)
+    cfg = GenerateConfig(first_frame="file", first_frame_file=str(mapping))
+    frames = prepare_first_frames(PROMPTS, {}, cfg, pol.cfg, layout, out)
+    assert set(frames) == set(PROMPTS)
+    np.testing.assert_array_equal(read_image(frames[PROMPTS[1]]), given[1])
+    items = [{"generation_id": f"g{k}", "prompt_id": "p", "prompt": p, "sample_index": 0, "seed": k,
+              "first_frame_path": frames[p]} for k, p in enumerate(PROMPTS)]
+    job = ShardJob(0, items, str(tmp_path / "v"), None, str(tmp_path / "r.json"), "key", 4, 2.0, 2, 8.0)
+    record = sample_shard(pol, job)
+    assert [r["first_frame_path"] for r in record["rows"]] == [frames[p] for p in PROMPTS]
+    with pytest.raises(ValueError, match="no image for"):
+        first_frame_sources_from_file(PROMPTS + ["a green ball"], mapping)
