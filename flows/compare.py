@@ -50,7 +50,9 @@ def compare_flow(
         train = cfg.finetune.train.model_copy(update={"method": method})
         ft_cfg = cfg.finetune.model_copy(update={"train": type(train).model_validate(train.model_dump())})
         ft_out = layout.variant("finetune", round, method)
-        ft_fn = functools.partial(finetune.run, round=round, on_step=step_logger(ft_out.label))
+        ft_fn = functools.partial(
+            finetune.run, round=round, on_step=step_logger(ft_out.label), ray_address=cfg.run.ray_address
+        )
         policy = run_stage(ft_fn, ft_cfg, layout, ft_out, inputs, cfg.run.task_retries, force)
         # 2. the same held-out pairs against the same base
         ev_out = layout.variant("evaluate", round, method)

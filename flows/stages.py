@@ -268,7 +268,9 @@ def finetune_flow(run: str, runs_root: str, config: dict[str, Any], round: int =
     if cfg.finetune.train.lambda2 > 0:
         inputs["selection"] = _upstream(layout, "select", run, runs_root, config)
     out = layout.stage("finetune", round)
-    run_fn = functools.partial(finetune.run, round=round, on_step=step_logger(out.label))
+    run_fn = functools.partial(
+        finetune.run, round=round, on_step=step_logger(out.label), ray_address=cfg.run.ray_address
+    )
     ref = run_stage(run_fn, cfg.finetune, layout, out, inputs, cfg.run.task_retries, force)
     return ref.__dict__
 

@@ -24,6 +24,15 @@ copy in memory), or optionally a frozen deep copy of the transformer as it was w
 started (with a LoRA loaded from the previous round, that copy is the previous round's policy).
 A non-finite loss or gradient norm is never applied: training stops, the LoRA keeps the weights
 of the last good step, and the returned info says which step and why.
+
+Data parallel: called on every worker of an initialised `torch.distributed` process group of more
+than one worker (Ray Train's `TorchTrainer`, `tasks/finetune.py`), the transformer is wrapped in
+DDP (only the LoRA requires grad, so only it is all-reduced). Every worker draws the same global
+batch, t and ε from the shared seed and keeps its own disjoint `batch_size / world_size` rows, so N
+workers train on the batches one process would (the mean of equal-sized shard means is the global
+mean; rwr's softmax weights alone are normalised per shard). KTO's reference point is all-reduced
+(`models/losses/kto.py`); each step's record is the mean over workers, so all stop on the same
+non-finite step. Without a process group, or with one worker, nothing of this runs.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data_contracts.lineage import atomic_write_json
@@ -545,7 +555,13 @@ def train_preference(
         policy.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
     params = policy.lora_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    policy_fn = velocity_fn(policy)
+    world, rank = _world()
+    if cfg.batch_size % world:
+        raise ValueError(
+            f"train_preference: batch_size={cfg.batch_size} does not split over {world} workers; "
+            "make it a multiple of the number of workers"
+        )
+    policy_fn = velocity_fn(policy if world == 1 else _data_parallel(policy))
     uses_reference = cfg.method not in ("sft", "rwr")
     reference, ref_fn = _reference(policy, cfg) if uses_reference else (nullcontext, policy_fn)
     # 3. everything that stays fixed, on the device once
@@ -558,6 +574,8 @@ def train_preference(
         real_bank, real_ids, real_empty_id = _prompt_bank(policy, real_prompts)
     gen = torch.Generator().manual_seed(cfg.seed)
     rows_of, real_rows_of = _Rows(n, cfg.batch_size, gen), (_Rows(m, cfg.batch_size, gen) if m else None)
+    mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)  # this worker's rows
+    rows_seen: list[list[int]] = []
 
     def draw(count: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = sample_timesteps(count, cfg.timesteps, gen).to(device)
@@ -576,10 +594,14 @@ def train_preference(
         # 4a. the batch, with one t and ε per row
         rows = rows_of.next()
         t, noise = draw(len(rows))
+        text_ids = _drop_captions(prompt_ids[rows], cfg.caption_dropout, empty_id, gen)
+        if world > 1:
+            rows, t, noise, text_ids = rows[mine], t[mine], noise[mine], text_ids[mine]
+            rows_seen.append(rows.tolist())
         b = Batch(
             x=x[rows],
             x_l=None if x_l is None else x_l[rows],
-            text=bank.index(_drop_captions(prompt_ids[rows], cfg.caption_dropout, empty_id, gen)).to(device),
+            text=bank.index(text_ids).to(device),
             t=t,
             noise=noise,
             desirable=None if data.desirable is None else data.desirable[rows].to(device),
@@ -598,9 +620,12 @@ def train_preference(
         if m:
             real_rows = real_rows_of.next()
             t_real, noise_real = draw(len(real_rows))
-            real_text = real_bank.index(
-                _drop_captions(real_ids[real_rows], cfg.caption_dropout, real_empty_id, gen)
-            ).to(device)
+            real_text_ids = _drop_captions(real_ids[real_rows], cfg.caption_dropout, real_empty_id, gen)
+            if world > 1:
+                real_rows, t_real, noise_real, real_text_ids = (
+                    real_rows[mine], t_real[mine], noise_real[mine], real_text_ids[mine]
+                )
+            real_text = real_bank.index(real_text_ids).to(device)
             e_real = sample_errors(policy_fn, real_x[real_rows], t_real, noise_real, real_text, cfg.exclude_first_frame)
         loss = regularised(
             pref, e_winners if has_winners else None, cfg.lambda1 if has_winners else 0.0, e_real, cfg.lambda2
@@ -610,6 +635,8 @@ def train_preference(
             record.setdefault(key, None)
         if e_real is not None:
             record["e_real"] = _mean(e_real)
+        if world > 1:
+            record = _mean_over_workers(record, device)
         # 4c. backward, clip, and apply only a finite step
         if not math.isfinite(record["loss"]):
             stopped = f"step {step}: loss is {record['loss']}"
@@ -635,6 +662,11 @@ def train_preference(
     opt.zero_grad(set_to_none=True)
     # 5. what happened
     steps_done = len(history)
+    distributed = {}
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, rows_seen)
+        distributed = {"distributed": {"world_size": world, "rank": rank, "rows_by_rank": gathered}}
     return {
         "method": cfg.method,
         "steps_planned": cfg.steps,
@@ -650,7 +682,37 @@ def train_preference(
         "final": _final(history),
         "history": history,
         "config": cfg.model_dump(mode="json"),
+        **distributed,
     }
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the initialised process group, (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _data_parallel(policy: Policy) -> Policy:
+    """The policy seen through DDP: a shallow copy whose transformer is the DDP wrapper of the same
+    module, so the LoRA's gradients are all-reduced while `disable_adapter`, `save_lora` and the
+    reference keep using the plain module (the reference runs without grad and needs no sync)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    view = copy.copy(policy)
+    ids = [policy.device.index] if policy.device.type == "cuda" else None
+    view.transformer = DistributedDataParallel(policy.transformer, device_ids=ids)
+    return view
+
+
+def _mean_over_workers(record: dict, device: torch.device) -> dict:
+    """Each float of a step's record averaged over the workers that have it (None where none has)."""
+    keys = [k for k, v in record.items() if k != "step" and (v is None or isinstance(v, float))]
+    values = [(record[k], 1.0) if record[k] is not None else (0.0, 0.0) for k in keys]
+    sums = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    mean = {k: (float(s / c) if c > 0 else None) for k, (s, c) in zip(keys, sums.tolist(), strict=True)}
+    return {**record, **mean}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,7 +723,8 @@ def save_preference_checkpoint(policy: Policy, out_dir: str | Path, info: dict) 
     """Write the LoRA (`Policy.save_lora`: diffusers' pipeline-layout safetensors) and `metrics.json`.
 
     `metrics.json` holds the final metrics, the config, how training ended and the per-step
-    history, so a round can be compared without loading the weights. Returns `out_dir`.
+    history (and, for data-parallel training, the world size, the writer's rank and each rank's
+    rows per step), so a round can be compared without loading the weights. Returns `out_dir`.
     """
     out = Path(out_dir)
     policy.save_lora(out)
@@ -684,5 +747,5 @@ def save_preference_checkpoint(policy: Policy, out_dir: str | Path, info: dict) 
     missing = [k for k in keys if k not in info]
     if missing:
         raise ValueError(f"save_preference_checkpoint: info lacks {missing}; pass the dict `train_preference` returned")
-    atomic_write_json(out / METRICS_FILE, {k: info[k] for k in keys})
+    atomic_write_json(out / METRICS_FILE, {k: info[k] for k in (*keys, "distributed") if k in info})
     return out

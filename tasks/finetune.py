@@ -8,20 +8,33 @@ as IPO keeps ties for the reward model only) and trains on the latents `generate
 mp4 is decoded. With `train.lambda2 > 0` the round's selected real videos (PhysHPO, IPO) join as
 a flow-matching regulariser. The output `checkpoints` manifest holds the base policy row and the
 new LoRA row, which is what `generate` of the next round samples with.
+
+Training runs through Ray Train (`backend: ray_train`, the default): a `TorchTrainer` whose
+workers each load the policy and run `train_preference`; one CPU worker here, `workers` GPU
+workers with DDP on a cluster, the same code. Rank 0 alone writes the LoRA and `metrics.json`
+into the stage folder (on a cluster that folder must be on storage every node shares); Ray
+Train's own run state goes to `ray_train/` beside them. The per-step records reach `on_step`
+after training, from the history rank 0 wrote (Ray Train V2 keeps only metrics attached to
+checkpoints, and the Prefect logger lives in this process). `backend: local` trains in this
+process and calls `on_step` live (tests, debugging).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from data_contracts import Lineage, ManifestRef, RunLayout, StageDir, read_manifest, write_manifest
+from models.policy import PolicyConfig
 from models.preference_training import (
+    METRICS_FILE,
     PreferenceData,
     PreferenceTrainConfig,
     save_preference_checkpoint,
@@ -42,6 +55,28 @@ class FinetuneConfig(StageConfig):
     )
     max_pairs: int | None = Field(None, ge=1, description="use at most this many pairs (None: all usable pairs)")
     max_real_videos: int = Field(256, ge=1, description="selected real clips kept for the λ2 regulariser")
+    backend: Literal["ray_train", "local"] = Field(
+        "ray_train",
+        description="ray_train: a Ray Train TorchTrainer (1 CPU worker here, N GPU workers with DDP on a cluster); "
+        "local: train in this process (tests, debugging; on_step is called live)",
+    )
+    workers: int = Field(
+        1, ge=1, description="Ray Train workers; > 1 trains with DDP, each worker on train.batch_size / workers rows a step"
+    )
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per Ray Train worker; None: infra/resources.py (clamped to what the cluster has)"
+    )
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> FinetuneConfig:
+        if self.workers > 1 and self.backend == "local":
+            raise ValueError(f"finetune.workers={self.workers} needs finetune.backend=ray_train (local is one process)")
+        if self.train.batch_size % self.workers:
+            raise ValueError(
+                f"finetune.train.batch_size={self.train.batch_size} does not split over finetune.workers={self.workers}; "
+                "make the batch size a multiple of the number of workers"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,14 +140,14 @@ def pair_latents(pairs, gens: Sequence[Mapping[str, Any]], layout: RunLayout, wh
     return chosen, rejected
 
 
-def real_videos(inputs: Mapping[str, ManifestRef], policy, cfg: FinetuneConfig, layout: RunLayout):
-    """Latents and captions of the selected real clips (λ2), encoded by the policy; clips of another
-    shape than the policy's are left out."""
+def real_videos(inputs: Mapping[str, ManifestRef], policy_cfg: PolicyConfig, cfg: FinetuneConfig, layout: RunLayout):
+    """Frames and captions of the selected real clips (λ2), which the training workers encode with
+    the policy; clips of another shape than the policy's are left out."""
     from tasks.video_io import read_video
 
     rows = [r for r in read_manifest(inputs["selection"].path, "selection", layout).rows() if r["selected"]]
     frames, captions = [], []
-    shape = (policy.cfg.frames, policy.cfg.height, policy.cfg.width, 3)
+    shape = (policy_cfg.frames, policy_cfg.height, policy_cfg.width, 3)
     for r in rows[: cfg.max_real_videos]:
         clip = read_video(layout.resolve(r["video_path"]))
         if clip.shape == shape:
@@ -120,7 +155,72 @@ def real_videos(inputs: Mapping[str, ManifestRef], policy, cfg: FinetuneConfig, 
             captions.append(r["caption"])
     if not frames:
         raise ValueError(f"`{inputs['selection'].path}`: no selected clip of shape {shape}; set finetune.train.lambda2=0")
-    return policy.encode(np.stack(frames)), captions
+    return np.stack(frames), captions
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a training worker needs, sent to it whole: it reads no manifest."""
+
+    policy_cfg: PolicyConfig
+    lora: str | None  # the previous round's LoRA folder, trained further
+    data: PreferenceData
+    train: PreferenceTrainConfig
+    real_frames: np.ndarray | None
+    real_prompts: list[str] | None
+    lora_dir: Path  # where rank 0 writes the new LoRA and metrics.json
+
+
+def train_and_save(job: TrainJob, on_step: Callable[[dict], None] | None = None, device: str | None = None) -> dict:
+    """Load the policy, train it on the job's data, and (on rank 0 only) write the LoRA and metrics.
+
+    The same function is the local backend and each Ray Train worker's loop; `device` replaces the
+    policy's `auto` device with the one Ray Train gave the worker."""
+    policy_cfg = job.policy_cfg
+    if device is not None and policy_cfg.device == "auto":
+        policy_cfg = policy_cfg.model_copy(update={"device": device})
+    policy = load_sampler(policy_cfg, job.lora)
+    real_latents = None if job.real_frames is None else policy.encode(job.real_frames)
+    info = train_preference(policy, job.data, job.train, on_step=on_step, real_latents=real_latents,
+                            real_prompts=job.real_prompts)
+    if info.get("distributed", {}).get("rank", 0) == 0:
+        save_preference_checkpoint(policy, job.lora_dir, info)
+    return info
+
+
+def _train_loop_per_worker(config: dict) -> None:
+    import ray.train.torch
+
+    train_and_save(config["job"], device=str(ray.train.torch.get_device()))
+
+
+def train_on_ray(job: TrainJob, cfg: FinetuneConfig, out: StageDir, address: str | None) -> dict:
+    """Run `train_and_save` on `cfg.workers` Ray Train workers; returns the info rank 0 wrote."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from infra.ray_cluster import ray_session
+    from infra.resources import resources_for
+
+    storage = out.files("ray_train")
+    # Ray Train restores the state of a run it finds under the same name; every attempt of the
+    # stage trains from the start (the LoRA is published only by the manifest), so none is kept.
+    shutil.rmtree(storage, ignore_errors=True)
+    overrides = {"num_gpus": cfg.num_gpus} if cfg.num_gpus is not None else {}
+    with ray_session(address=address):
+        res = resources_for("finetune", overrides, gpus_available=ray.cluster_resources().get("GPU", 0.0))
+        per_worker = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus > 0 else {})}
+        trainer = TorchTrainer(
+            _train_loop_per_worker,
+            train_loop_config={"job": job},
+            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=res.num_gpus > 0,
+                                         resources_per_worker=per_worker),
+            run_config=RunConfig(name="finetune", storage_path=str(storage),
+                                 worker_runtime_env=res.ray_options().get("runtime_env")),
+        )
+        trainer.fit()
+    return json.loads((job.lora_dir / METRICS_FILE).read_text())
 
 
 def run(
@@ -132,6 +232,7 @@ def run(
     *,
     round: int = 1,
     on_step: Callable[[dict], None] | None = None,
+    ray_address: str | None = None,
 ) -> StageResult:
     """`labels` + `generations` (+ `selection`) + the round's policy → a LoRA checkpoint and its curves."""
     # 1. pairs and their cached latents
@@ -152,9 +253,8 @@ def run(
         return StageResult(ref, counts={**counts, "steps_done": 0, "policy_unchanged": 1}, metrics={"compute_s": 0.0})
     chosen, rejected = pair_latents(pairs, gens, layout, inputs["generations"].path)
     prompts = [p for p, _, _ in pairs]
-    # 2. the round's policy (base + the previous round's LoRA, if any)
+    # 2. the round's policy (base + the previous round's LoRA, if any), loaded by the trainer
     policy_cfg, lora, policy_id = policy_from_checkpoints(ckpt_rows, layout, inputs["checkpoints"].path)
-    policy = load_sampler(policy_cfg, lora)
     if cfg.train.method == "kto":
         data = PreferenceData.pointwise_from_pairs(chosen, rejected, prompts)
     elif cfg.train.method == "rwr":
@@ -164,13 +264,27 @@ def run(
                               rewards=torch.cat([torch.ones(len(pairs)), torch.zeros(len(pairs))]))
     else:
         data = PreferenceData(prompts=prompts, chosen=chosen, rejected=rejected)
-    real_latents, real_prompts = (None, None)
+    real_frames, real_prompts = (None, None)
     if cfg.train.lambda2 > 0:
-        real_latents, real_prompts = real_videos(inputs, policy, cfg, layout)
-    # 3. train, save, plot
-    train_cfg = cfg.train if len(pairs) >= cfg.train.batch_size else cfg.train.model_copy(update={"batch_size": len(pairs)})
-    info = train_preference(policy, data, train_cfg, on_step=on_step, real_latents=real_latents, real_prompts=real_prompts)
-    lora_dir = save_preference_checkpoint(policy, out.files("lora"), info)
+        real_frames, real_prompts = real_videos(inputs, policy_cfg, cfg, layout)
+    # 3. train (rank 0 saves), plot
+    batch = cfg.train.batch_size
+    if len(pairs) < batch:  # a multiple of the workers, so each takes an equal share
+        batch = len(pairs) - len(pairs) % cfg.workers
+        if batch == 0:
+            raise ValueError(
+                f"`{inputs['labels'].path}`: {len(pairs)} usable pairs cannot be split over finetune.workers="
+                f"{cfg.workers}; label more pairs or use fewer workers"
+            )
+    train_cfg = cfg.train if batch == cfg.train.batch_size else cfg.train.model_copy(update={"batch_size": batch})
+    lora_dir = out.files("lora")
+    job = TrainJob(policy_cfg, lora, data, train_cfg, real_frames, real_prompts, lora_dir)
+    if cfg.backend == "local":
+        info = train_and_save(job, on_step=on_step)
+    else:
+        info = train_on_ray(job, cfg, out, ray_address)
+        for record in info["history"] if on_step is not None else ():
+            on_step(record)
     curves = training_curves_png(info["history"], out.files("figures") / "training_curves.png", cfg.train.method)
     final = {k: float(v) for k, v in info["final"].items() if isinstance(v, (int, float)) and v is not None}
     metrics = {**{f"final_{k}": v for k, v in final.items()}, "seconds_per_step": float(info["seconds_per_step"]),

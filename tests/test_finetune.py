@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from data_contracts import Lineage, RunLayout, read_manifest, write_manifest
-from models.policy import PolicyConfig, build_tiny, save_policy_folder
-from models.preference_training import PreferenceTrainConfig
+from models.policy import LORA_WEIGHT_NAME, PolicyConfig, build_tiny, save_policy_folder
+from models.preference_training import METRICS_FILE, PreferenceTrainConfig, _Rows
 from models.text_encoder import build_text_encoder
 from tasks import finetune
 from tasks.finetune import FinetuneConfig, orient, preference_pairs
@@ -26,6 +26,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module's Ray Train runs (the stage joins it rather than starting its own)."""
+    from infra.ray_cluster import ray_session
+
+    with ray_session(num_cpus=2):
+        yield
 
 
 def test_orientation_rules():
@@ -85,7 +94,7 @@ def tiny_round(tmp_path, n_pairs: int = 8):
     return layout, {"labels": lref, "generations": gref, "checkpoints": ckpt}
 
 
-def test_finetune_writes_a_lora_the_next_round_samples_with(tmp_path):
+def test_finetune_writes_a_lora_the_next_round_samples_with(tmp_path, ray_local):
     layout, inputs = tiny_round(tmp_path)
     cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=20, batch_size=4, lr=1e-3))
     out = layout.stage("finetune", round=1)
@@ -132,3 +141,68 @@ def test_a_labelled_video_without_cached_latent_is_a_clear_error(tmp_path):
     cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=1, batch_size=2))
     with pytest.raises(ValueError, match="no cached latent .* rerun generate with generate.write_latents=true"):
         finetune.run({**inputs, "generations": bad}, cfg, layout, layout.stage("finetune", round=1), Lineage("f", {}, "x"))
+
+
+def _finetune(layout, inputs, cfg, name: str, on_step=None):
+    out = layout.variant("finetune", 1, name)
+    out.path.mkdir(parents=True)
+    result = finetune.run(inputs, cfg, layout, out, Lineage("finetune", {}, cfg.hash()), round=1, on_step=on_step)
+    rows = read_manifest(result.manifest.path, "checkpoints", layout).rows()
+    lora_dir = layout.resolve(rows[1]["path"])
+    return out, load_file(str(lora_dir / LORA_WEIGHT_NAME)), json.loads((lora_dir / METRICS_FILE).read_text())
+
+
+def test_ray_train_gives_the_lora_local_gives(tmp_path, ray_local):
+    """One Ray Train worker runs the same code on the same data: the same LoRA, bit for bit, and
+    the same per-step records, which reach on_step after training."""
+    layout, inputs = tiny_round(tmp_path)
+    train = PreferenceTrainConfig(steps=4, batch_size=4, lr=1e-3)
+    steps = []
+    _, local, local_metrics = _finetune(layout, inputs, FinetuneConfig(train=train, backend="local"), "local")
+    out, ray, ray_metrics = _finetune(layout, inputs, FinetuneConfig(train=train), "ray", on_step=steps.append)
+    assert local.keys() == ray.keys() and all(torch.equal(local[k], ray[k]) for k in local)
+    assert any(t.abs().sum() > 0 for k, t in ray.items() if "lora_B" in k), "the LoRA trained"
+    assert ray_metrics["history"] == local_metrics["history"] == steps
+    assert "distributed" not in ray_metrics, "one worker is the single-process path"
+    assert (out.files("ray_train") / "finetune").is_dir(), "Ray Train's run state lives under the stage folder"
+
+
+@pytest.mark.parametrize("method", ["flow_dpo", "kto"])
+def test_two_workers_train_with_ddp_on_disjoint_rows(tmp_path, ray_local, method):
+    """Two CPU workers (DDP over gloo): each takes its half of every global batch, the gradients and
+    KTO's reference point are all-reduced, so the LoRA is the one a single process trains on the
+    same batches (up to float summation order); only rank 0 wrote the LoRA and metrics."""
+    layout, inputs = tiny_round(tmp_path)
+    train = PreferenceTrainConfig(method=method, steps=3, batch_size=4, lr=1e-3)
+    _, local, local_metrics = _finetune(layout, inputs, FinetuneConfig(train=train, backend="local"), "local")
+    out, ddp, ddp_metrics = _finetune(layout, inputs, FinetuneConfig(train=train, workers=2), "ddp")
+    # 1. each step's global batch split between the ranks, disjoint, the same batches as one process
+    dist_info = ddp_metrics["distributed"]
+    assert dist_info["world_size"] == 2 and dist_info["rank"] == 0, "rank 0 wrote metrics.json"
+    rank0, rank1 = dist_info["rows_by_rank"]
+    assert len(rank0) == len(rank1) == 3
+    gen = torch.Generator().manual_seed(train.seed)
+    rows_of = _Rows(16 if method == "kto" else 8, train.batch_size, gen)
+    for step, (a, b) in enumerate(zip(rank0, rank1, strict=True)):
+        assert len(a) == len(b) == 2 and not set(a) & set(b), f"step {step}: the ranks share rows {a} {b}"
+        if method == "flow_dpo" and step == 0:  # later draws also depend on t, ε of earlier steps
+            assert a + b == rows_of.next().tolist()
+    # 2. the same training as one process: per-step losses and the LoRA agree closely
+    for mine, ref in zip(ddp_metrics["history"], local_metrics["history"], strict=True):
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6)
+        if method == "kto":
+            assert mine["reference_point"] == pytest.approx(ref["reference_point"], rel=1e-4, abs=1e-7)
+    assert ddp.keys() == local.keys()
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], local[k], rtol=1e-3, atol=1e-5)
+    assert any(t.abs().sum() > 0 for k, t in ddp.items() if "lora_B" in k), "the LoRA trained"
+    # 3. the stage folder holds what rank 0 wrote and Ray Train's run state, nothing per worker
+    assert sorted(p.name for p in out.files("lora").iterdir()) == sorted([LORA_WEIGHT_NAME, METRICS_FILE])
+    assert sorted(p.name for p in out.path.iterdir()) == ["figures", "lora", "manifest.parquet", "ray_train"]
+
+
+def test_more_workers_than_the_batch_splits_into_is_refused():
+    with pytest.raises(ValueError, match="batch_size=3 does not split over finetune.workers=2"):
+        FinetuneConfig(train=PreferenceTrainConfig(batch_size=3), workers=2)
+    with pytest.raises(ValueError, match="needs finetune.backend=ray_train"):
+        FinetuneConfig(workers=2, backend="local")
