@@ -22,15 +22,20 @@ Ends with the lines `overhead share: X`, `plausibility gain (points): Y` and
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
+
+# benchmarks/select.py shadows the standard library's `select` (which subprocess imports) when this
+# folder is sys.path[0]: put the project root there first.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFLOOP = [sys.executable, "-m", "flows.cli"]
