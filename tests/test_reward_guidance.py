@@ -90,3 +90,14 @@ def test_parse_weights():
     assert parse_weights("VQ:MQ:TA=0:1:0.5") == {"VQ": 0.0, "MQ": 1.0, "TA": 0.5}
     with pytest.raises(ValueError, match="as many values"):
         parse_weights("VQ:MQ=1")
+
+
+def test_evaluate_and_generate_need_a_reward_model_to_guide():
+    from tasks.evaluate import EvaluateConfig, guidance_reward_folder
+
+    on = RewardGuidanceConfig(scale=1.0)
+    with pytest.raises(ValueError, match="no reward model"):
+        guidance_reward_folder({}, EvaluateConfig(reward_guidance=on), layout=None)
+    named = EvaluateConfig(reward_guidance=on.model_copy(update={"reward_model": "rm"}))
+    assert guidance_reward_folder({}, named, layout=None) == "rm"
+    assert guidance_reward_folder({}, EvaluateConfig(), layout=None) is None
