@@ -185,8 +185,8 @@ def main() -> None:
     ]
     print(f"{len(prompts)} held-out prompts × {args.seeds} seeds = {len(pairs)} samples per setting; scale w = "
           f"{args.scale}, clip {args.max_ratio}·‖v‖; reward model {clean_folder}", flush=True)
-    header = (f"| setting | plausible [95% CI] | caption agreement [95% CI] | z VQ / MQ / TA (clean RM) | clipped | "
-              f"frame 0 exact | s |")
+    header = ("| setting | plausible [95% CI] | caption agreement [95% CI] | z VQ / MQ / TA (clean RM) | clipped | "
+              "frame 0 exact | s |")
     lines = [header, "|" + "---|" * 7]
     for name, pol, make, conditioned in settings:
         t0 = time.perf_counter()

@@ -25,6 +25,11 @@ Latent space:
   exactly as `WanPipeline` does. `cogvideox` runs in pixel space only: released CogVideoX
   checkpoints are v-prediction models on a DDPM schedule, not rectified-flow velocity models.
 
+Sampling options: `first_frame` holds latent frame 0 on the given frame's path (HuViDPO),
+`reward_guidance` adds Flow-NRG's reward gradient after CFG (`models/reward_guidance.py`), and
+`attention=sparse_causal` (Wan) lets frame i attend to frames 0 and i−1 only
+(`models/sparse_causal_attention.py`).
+
 LoRA goes through peft, injected with diffusers' `add_adapter` so the transformer keeps its own
 class and forward. `save_lora` writes `pytorch_lora_weights.safetensors` in the pipeline layout
 diffusers' `WanPipeline.load_lora_weights` / `CogVideoXPipeline.load_lora_weights` read: peft

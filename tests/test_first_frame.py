@@ -127,3 +127,28 @@ def test_first_frame_sources_and_generate_shard(folders, tmp_path):
     assert [r["first_frame_path"] for r in record["rows"]] == [frames[p] for p in PROMPTS]
     with pytest.raises(ValueError, match="no image for"):
         first_frame_sources_from_file(PROMPTS + ["a green ball"], mapping)
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_finetune_drops_frame_0_when_generations_were_first_frame_conditioned(tmp_path, monkeypatch, conditioned):
+    from data_contracts import Lineage, read_manifest, write_manifest
+    from models.preference_training import PreferenceTrainConfig
+    from tasks import finetune
+    from tests.test_finetune import tiny_round
+
+    layout, inputs = tiny_round(tmp_path, n_pairs=2)
+    if conditioned:
+        gens = read_manifest(inputs["generations"].path, "generations", layout).rows()
+        png = write_image(layout.stage("generate", round=1).files("first_frames") / "p.png", images(1)[0])
+        for g in gens:
+            g["first_frame_path"] = layout.stored_path(png)
+        inputs["generations"] = write_manifest(gens, "generations", inputs["generations"].path, layout,
+                                               Lineage("generate", {}, "ff"))
+    seen = []
+    real = finetune.train_and_save
+    monkeypatch.setattr(finetune, "train_and_save", lambda job, **kw: seen.append(job.train) or real(job, **kw))
+    cfg = finetune.FinetuneConfig(backend="local", train=PreferenceTrainConfig(steps=1, batch_size=2))
+    out = layout.stage("finetune", round=1)
+    out.path.mkdir(parents=True)
+    finetune.run(inputs, cfg, layout, out, Lineage("finetune", {}, cfg.hash()), round=1)
+    assert [t.exclude_first_frame for t in seen] == [conditioned]
