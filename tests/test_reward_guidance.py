@@ -101,3 +101,40 @@ def test_evaluate_and_generate_need_a_reward_model_to_guide():
     named = EvaluateConfig(reward_guidance=on.model_copy(update={"reward_model": "rm"}))
     assert guidance_reward_folder({}, named, layout=None) == "rm"
     assert guidance_reward_folder({}, EvaluateConfig(), layout=None) is None
+
+
+def test_prefloop_sample_writes_guided_first_frame_videos(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from flows.cli import main
+    from tasks.video_io import read_video, write_image
+    from tests.test_finetune import PROMPTS as RUN_PROMPTS
+    from tests.test_finetune import tiny_round
+
+    layout, _ = tiny_round(tmp_path, n_pairs=1)
+    cfg = RewardModelConfig(device="cpu", noisy_latent=True, max_frames=8)
+    torch.manual_seed(0)
+    model = RewardModel(cfg)
+    model.normalisation = Normalisation(cfg.dims, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 2)
+    model.save_pretrained(tmp_path / "rm")
+    # 4x4 blocks of one colour: mp4v's 4:2:0 coding keeps them (per-pixel noise it would not)
+    blocks = np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    frame = np.ascontiguousarray(blocks.repeat(4, 0).repeat(4, 1))
+    write_image(tmp_path / "first.png", frame)
+    out = tmp_path / "samples"
+    code = main(["--runs-root", str(layout.runs_root), "sample", "--run", layout.run, "--policy", "base",
+                 "--guidance", "VQ:MQ:TA=0:1:0", "--weight", "5", "--reward-model", str(tmp_path / "rm"),
+                 "--prompts", *RUN_PROMPTS[:2], "--samples", "2", "--first-frame", str(tmp_path / "first.png"),
+                 "--out", str(out)])
+    assert code == 0 and "4 videos of policy base" in capsys.readouterr().out
+    listing = json.loads((out / "samples.json").read_text())
+    assert listing["guidance_mode"] == "noisy" and listing["guidance_stats"]["corrections"] > 0
+    assert len(listing["samples"]) == 4 and listing["first_frame"] is True
+    clip = read_video(listing["samples"][0]["video_path"])
+    assert clip.shape == (8, 16, 16, 3)
+    assert np.abs(clip[0].astype(int) - frame.astype(int)).mean() < 12, "frame 0 is the given one, up to mp4 coding"
+    with pytest.raises(SystemExit, match="as many values"):
+        main(["--runs-root", str(layout.runs_root), "sample", "--run", layout.run, "--guidance", "VQ:MQ=1",
+              "--weight", "1", "--prompts", "x", "--out", str(out)])
