@@ -302,7 +302,9 @@ def reusable_rows(
     """The previous evaluation's rows of `policy_id` for exactly these (prompt, seed) pairs, in pair
     order, when it sampled with the same settings; None when anything differs (then sample anew)."""
     here = cfg.model_dump(mode="json")
-    if previous_cfg is None or any(previous_cfg.get(k) != here[k] for k in REUSE_SETTINGS):
+    # a setting the previous evaluation's config predates (reward_guidance) had its default then
+    defaults = EvaluateConfig().model_dump(mode="json")
+    if previous_cfg is None or any(previous_cfg.get(k, defaults[k]) != here[k] for k in REUSE_SETTINGS):
         return None
     by_pair = {(r["prompt"], r["seed"]): r for r in previous if r["policy_id"] == policy_id}
     rows = [by_pair.get((p["prompt"], p["seed"])) for p in pairs]

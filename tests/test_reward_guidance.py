@@ -138,3 +138,15 @@ def test_prefloop_sample_writes_guided_first_frame_videos(tmp_path, capsys):
     with pytest.raises(SystemExit, match="as many values"):
         main(["--runs-root", str(layout.runs_root), "sample", "--run", layout.run, "--guidance", "VQ:MQ=1",
               "--weight", "1", "--prompts", "x", "--out", str(out)])
+
+
+def test_an_evaluation_from_before_reward_guidance_is_still_reused():
+    from tasks.evaluate import EvaluateConfig, reusable_rows
+
+    pairs = [{"prompt": "a red ball falls", "seed": 7}]
+    rows = [{"prompt": "a red ball falls", "seed": 7, "policy_id": "base"}]
+    old = EvaluateConfig().model_dump(mode="json")
+    old.pop("reward_guidance")
+    assert reusable_rows(rows, old, "base", pairs, EvaluateConfig()) == rows
+    guided = EvaluateConfig(reward_guidance=RewardGuidanceConfig(scale=1.0, reward_model="rm"))
+    assert reusable_rows(rows, old, "base", pairs, guided) is None, "guided samples are other samples"
