@@ -169,7 +169,7 @@ def tiny_run(tmp_path_factory):
     layout, inputs = tiny_round(tmp, n_pairs=4)
     ft = layout.stage("finetune", round=1)
     ft.path.mkdir(parents=True)
-    ft_cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=3, batch_size=4, lr=1e-2))
+    ft_cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=3, batch_size=4, lr=1e-2), backend="local")
     tuned = finetune.run(inputs, ft_cfg, layout, ft, Lineage("finetune", {}, ft_cfg.hash()), round=1).manifest
     # held-out captions: the prompts evaluate samples (the train caption must not be used)
     ingest = layout.stage("ingest")

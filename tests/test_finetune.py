@@ -96,7 +96,7 @@ def tiny_round(tmp_path, n_pairs: int = 8):
 
 def test_finetune_writes_a_lora_the_next_round_samples_with(tmp_path, ray_local):
     layout, inputs = tiny_round(tmp_path)
-    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=20, batch_size=4, lr=1e-3))
+    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=20, batch_size=4, lr=1e-3), backend="local")
     out = layout.stage("finetune", round=1)
     out.path.mkdir(parents=True)
     steps = []
@@ -121,7 +121,7 @@ def test_labels_that_decide_nothing_keep_the_policy_unchanged(tmp_path):
     layout, inputs = tiny_round(tmp_path, n_pairs=4)
     out = layout.stage("finetune", round=1)
     out.path.mkdir(parents=True)
-    cfg = FinetuneConfig(prefer="overall", train=PreferenceTrainConfig(steps=1, batch_size=2))
+    cfg = FinetuneConfig(prefer="overall", train=PreferenceTrainConfig(steps=1, batch_size=2), backend="local")
     # VQ now contradicts MQ in every pair: `overall` decides none of them
     rows = read_manifest(inputs["labels"].path, "labels", layout).rows()
     for r in rows:
@@ -138,7 +138,7 @@ def test_a_labelled_video_without_cached_latent_is_a_clear_error(tmp_path):
     gens = read_manifest(inputs["generations"].path, "generations", layout).rows()
     gens[0]["latent_path"] = None
     bad = write_manifest(gens, "generations", inputs["generations"].path, layout, Lineage("generate", {}, "y"))
-    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=1, batch_size=2))
+    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=1, batch_size=2), backend="local")
     with pytest.raises(ValueError, match="no cached latent .* rerun generate with generate.write_latents=true"):
         finetune.run({**inputs, "generations": bad}, cfg, layout, layout.stage("finetune", round=1), Lineage("f", {}, "x"))
 
