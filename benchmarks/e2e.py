@@ -95,7 +95,7 @@ def main() -> None:
     rows = markers(run_dir)
 
     # 2. per stage: seconds and model compute
-    print(f"\n| stage | seconds | compute s | outside compute s |\n|---|---|---|---|")
+    print("\n| stage | seconds | compute s | outside compute s |\n|---|---|---|---|")
     compute_total = 0.0
     for label, m in rows:
         compute = float(m.get("metrics", {}).get("compute_s", 0.0))

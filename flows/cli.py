@@ -214,12 +214,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def _existing_run(args: argparse.Namespace, command: str) -> RunLayout:
+    """The layout of the run `--run` names, which must exist (commands that read a run, never start one)."""
     runs_root = _runs_root(args)
     check_run_name(args.run)
     layout = RunLayout(runs_root, args.run)
     if not layout.run_dir.exists():
-        raise SystemExit(f"prefloop report: no run `{args.run}` under {runs_root} (list them with `prefloop runs`)")
+        raise SystemExit(f"prefloop {command}: no run `{args.run}` under {runs_root} (list them with `prefloop runs`)")
+    return layout
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    layout = _existing_run(args, "report")
     from flows.report import write_html_report
 
     print(f"prefloop: report of run `{args.run}` written to {write_html_report(layout)}")
@@ -227,11 +233,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    runs_root = _runs_root(args)
-    check_run_name(args.run)
-    layout = RunLayout(runs_root, args.run)
-    if not layout.run_dir.exists():
-        raise SystemExit(f"prefloop sample: no run `{args.run}` under {runs_root} (list them with `prefloop runs`)")
+    layout = _existing_run(args, "sample")
     from models.reward_guidance import RewardGuidanceConfig, parse_weights
     from tasks.generate import read_prompt_file
     from tasks.sample import sample_to_dir

@@ -95,6 +95,13 @@ def sample_timesteps(n: int, kind: str, generator: torch.Generator) -> torch.Ten
     raise ValueError(f"policy_training: unknown timestep sampling {kind!r}; use `uniform` or `logit_normal`")
 
 
+def drop_captions(ids: torch.Tensor, rate: float, empty_id: int, gen: torch.Generator) -> torch.Tensor:
+    """Each row's prompt index, replaced by the empty prompt's with probability `rate` (no draw at 0)."""
+    if rate == 0:
+        return ids
+    return torch.where(torch.rand(len(ids), generator=gen) < rate, torch.tensor(empty_id), ids)
+
+
 def lr_factor(step: int, cfg: BasePolicyTrainConfig) -> float:
     """Linear warmup to 1, then cosine decay to `min_lr_ratio` at the last step."""
     if step < cfg.warmup_steps:
@@ -205,8 +212,7 @@ def train_base_policy(
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         t = sample_timesteps(len(rows), cfg.timesteps, gen)
-        ids = caption_ids[rows]
-        ids = torch.where(torch.rand(len(rows), generator=gen) < cfg.caption_dropout, empty_id, ids)
+        ids = drop_captions(caption_ids[rows], cfg.caption_dropout, empty_id, gen)
         loss = policy.flow_matching_loss(x0[rows], bank.index(ids), t=t, generator=gen).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -64,7 +64,7 @@ from models.losses import (
     sft_loss,
 )
 from models.policy import ADAPTER, DEFAULT_LORA_TARGETS, Policy
-from models.policy_training import lr_factor, sample_timesteps
+from models.policy_training import drop_captions, lr_factor, sample_timesteps
 from models.text_encoder import TextEmbeddings
 
 Method = Literal["flow_dpo", "diffusion_dpo", "ipo", "kto", "rwr", "sft"]
@@ -488,13 +488,6 @@ def _prompt_bank(policy: Policy, prompts: Sequence[str]) -> tuple[TextEmbeddings
     return policy.encode_text(unique), torch.tensor([index[p] for p in prompts]), index[""]
 
 
-def _drop_captions(ids: torch.Tensor, rate: float, empty_id: int, gen: torch.Generator) -> torch.Tensor:
-    """Each row's prompt index, replaced by the empty prompt's with probability `rate` (no draw at 0)."""
-    if rate == 0:
-        return ids
-    return torch.where(torch.rand(len(ids), generator=gen) < rate, torch.tensor(empty_id), ids)
-
-
 def _reference(policy: Policy, cfg: PreferenceTrainConfig) -> tuple[Callable[[], AbstractContextManager], VelocityFn]:
     """(context to enter around reference calls, reference velocity) for `cfg.reference`."""
     if cfg.reference == "disabled_adapter":
@@ -595,7 +588,7 @@ def train_preference(
         # 4a. the batch, with one t and ε per row
         rows = rows_of.next()
         t, noise = draw(len(rows))
-        text_ids = _drop_captions(prompt_ids[rows], cfg.caption_dropout, empty_id, gen)
+        text_ids = drop_captions(prompt_ids[rows], cfg.caption_dropout, empty_id, gen)
         if world > 1:
             rows, t, noise, text_ids = rows[mine], t[mine], noise[mine], text_ids[mine]
             rows_seen.append(rows.tolist())
@@ -621,7 +614,7 @@ def train_preference(
         if m:
             real_rows = real_rows_of.next()
             t_real, noise_real = draw(len(real_rows))
-            real_text_ids = _drop_captions(real_ids[real_rows], cfg.caption_dropout, real_empty_id, gen)
+            real_text_ids = drop_captions(real_ids[real_rows], cfg.caption_dropout, real_empty_id, gen)
             if world > 1:
                 real_rows, t_real, noise_real, real_text_ids = (
                     real_rows[mine], t_real[mine], noise_real[mine], real_text_ids[mine]

@@ -23,8 +23,8 @@ from models.video_metrics import (
     video_metrics,
 )
 from tasks import evaluate, finetune
-from tasks.evaluate import EvaluateConfig, gate, plan_pairs, policy_changed, reward_hacking, win_rate
 from tasks.common import execute_stage
+from tasks.evaluate import EvaluateConfig, gate, plan_pairs, policy_changed, reward_hacking, win_rate
 from tasks.finetune import FinetuneConfig
 from tests.test_finetune import PROMPTS, tiny_round
 

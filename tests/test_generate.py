@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from data_contracts import Lineage, RunLayout, read_manifest, write_manifest
