@@ -1,0 +1,96 @@
+"""Base-policy training variants on one run's ingested clips, judged on the same held-out prompts.
+
+    .venv/bin/python benchmarks/bootstrap_variants.py --run demo '{"batch_size": 32, "lr": 1e-3, "steps": 1150}'
+    .venv/bin/python benchmarks/bootstrap_variants.py --run demo '{"batch_size": 16, "lr": 2e-3, "steps": 2200}'
+    .venv/bin/python benchmarks/bootstrap_variants.py --run demo --threads 1 '{"batch_size": 8, "steps": 4000}'
+
+The experiment behind the bootstrap table of the README: what gives the base policy balls within
+the stage's time budget. It reads a run's `ingest` manifest, trains the base policy exactly as
+`bootstrap` does (`train_base_policy` on the usable, full-length, non-held-out clips) with any
+`BasePolicyTrainConfig` field set from the JSON spec — fixed steps, no time budget unless the spec
+sets `time_budget_s`, so variants run side by side compare by steps — then samples `--samples`
+(held-out prompt, seed) pairs as `bootstrap` does at each guidance of `eval_guidance` (default
+[1, 3, 5]), judges them, writes a frame strip per guidance under `--out-dir`, and prints one JSON
+line (also appended to `--out`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/select.py shadows the standard library's `select` when this folder is sys.path[0]
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("spec", help="JSON: BasePolicyTrainConfig fields, plus eval_guidance (a list)")
+    ap.add_argument("--run", default="demo")
+    ap.add_argument("--runs-root", type=Path, default=ROOT / "runs")
+    ap.add_argument("--samples", type=int, default=128, help="held-out (prompt, seed) pairs judged per guidance")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when two variants run side by side)")
+    ap.add_argument("--out", type=Path, default=Path("bootstrap_variants.jsonl"))
+    ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "prefloop-bootstrap-variants")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from data_contracts import read_manifest
+    from flows.config import resolve_config
+    from models.physics_world import WorldSpec
+    from models.policy_training import BasePolicyTrainConfig, frame_strip_png, judge_samples, train_base_policy
+    from tasks.bootstrap import full_length, training_rows
+    from tasks.video_io import read_video
+
+    run_dir = args.runs_root / args.run
+    cfg = resolve_config(saved=run_dir / "config.yaml")
+    layout = cfg.layout(args.runs_root, args.run)
+    videos = read_manifest(run_dir / "ingest/manifest.parquet", "videos", layout).rows()
+    rows = training_rows(videos, None, 0)
+    clips, captions, shape = full_length([read_video(layout.resolve(r["video_path"])) for r in rows], [r["caption"] for r in rows])
+    heldout = sorted({r["caption"] for r in videos if r["split"] == "heldout" and r["caption"]})
+
+    spec = json.loads(args.spec)
+    guidances = spec.pop("eval_guidance", [1, 3, 5])
+    train_cfg = BasePolicyTrainConfig(**spec)
+    name = "-".join(f"{k}{v}" for k, v in sorted(spec.items())) or "default"
+    out_dir = args.out_dir / name
+    policy, info = train_base_policy(clips, captions, out_dir, train_cfg)
+    result: dict = {
+        "spec": args.spec, "threads": args.threads, "clips": len(clips), "steps_done": info["steps_done"],
+        "train_s": round(info["seconds"], 1), "s_per_step": round(info["seconds_per_step"], 3),
+        "final_loss": round(info["final_loss"], 4),
+    }
+    prompts = [heldout[i % len(heldout)] for i in range(args.samples)]
+    seeds = list(range(args.samples))
+    spec_world = WorldSpec(size=shape[1], frames=shape[0])
+    for g in guidances:
+        t0 = time.perf_counter()
+        policy.cfg = policy.cfg.model_copy(update={"guidance_scale": float(g)})
+        judged = judge_samples(policy, prompts, seeds, spec_world)
+        low, high = judged["plausibility_ci"]
+        order = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
+        picked = [i for i in order if i < 2 * len(heldout)][:12]
+        frame_strip_png([judged["frames"][i] for i in picked], out_dir / f"samples_guidance_{g}.png")
+        result[f"guidance_{g}"] = {
+            "plausibility": round(100 * judged["plausibility"], 1), "ci": [round(100 * low, 1), round(100 * high, 1)],
+            "caption_agreement": round(100 * judged["caption_agreement"], 1), "judge_s": round(time.perf_counter() - t0, 1),
+        }
+    result["strips"] = str(out_dir)
+    line = json.dumps(result)
+    print(line)
+    with open(args.out, "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
