@@ -286,6 +286,8 @@ class Policy:
         # The VAE stays float32: WanPipeline's recommendation, its decoder is sensitive to bf16.
         self.vae = None if vae is None else vae.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
         self._empty: TextEmbeddings | None = None
+        # LoRAs folded into the transformer's weights (`fold_lora`): per module, (A, s·B) of each
+        self._folded: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.latent_shape = self._check_shapes()
         if cfg.attention == "sparse_causal":
             from models.sparse_causal_attention import use_sparse_causal_attention
@@ -638,13 +640,56 @@ class Policy:
             for p in self.lora_parameters():
                 p.requires_grad_(trainable[id(p)])
 
+    def _lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per adapted module: (A, s·B), so that its weight update is `s·B·A` (s = α/r)."""
+        from peft.tuners.lora import LoraLayer
+
+        factors = {}
+        for name, module in self.transformer.named_modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                a = module.lora_A[ADAPTER].weight.detach()
+                b = module.lora_B[ADAPTER].weight.detach() * module.scaling[ADAPTER]
+                factors[name] = (a.clone(), b.clone())
+        return factors
+
+    def fold_lora(self) -> None:
+        """Fold the adapter into the transformer's weights and remove it: the policy is unchanged,
+        but a fresh `add_lora` now starts from it and `disable_adapter` gives it back (the IPO
+        reference that moves to the previous round's policy). `save_lora` still writes one LoRA
+        over the weights as loaded: the folded ones stacked with the new one (ranks add up)."""
+        if not self.has_lora:
+            raise ValueError("policy.fold_lora: there is no LoRA adapter to fold; call load_lora first")
+        factors = self._lora_factors()
+        self.transformer.delete_adapters(ADAPTER)
+        modules = dict(self.transformer.named_modules())
+        with torch.no_grad():
+            for name, (a, b) in factors.items():
+                weight = modules[name].weight
+                weight.add_((b.float() @ a.float()).to(weight.dtype))
+                self._folded.setdefault(name, []).append((a, b))
+
     def save_lora(self, out_dir: str | Path) -> Path:
-        """Write the adapter as `pytorch_lora_weights.safetensors` in diffusers' pipeline layout."""
+        """Write the adapter as `pytorch_lora_weights.safetensors` in diffusers' pipeline layout.
+
+        After `fold_lora`, the file holds the folded adapters and the current one stacked into one
+        LoRA (A's rows and s·B's columns concatenated, α = r so s = 1): `ΣsᵢBᵢAᵢ` exactly, over
+        the weights the policy was loaded with."""
         if not self.has_lora:
             raise ValueError("policy.save_lora: there is no LoRA adapter to save; call add_lora or load_lora first")
         state = get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER)
-        tensors = {f"{LORA_PREFIX}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
         config = self.transformer.peft_config[ADAPTER].to_dict()
+        if self._folded:
+            state = {}
+            for name, (a, b) in self._lora_factors().items():
+                earlier = self._folded.get(name, [])
+                state[f"{name}.lora_A.weight"] = torch.cat([f[0] for f in earlier] + [a], dim=0)
+                state[f"{name}.lora_B.weight"] = torch.cat([f[1] for f in earlier] + [b], dim=1)
+            ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+            if len(ranks) != 1:
+                raise ValueError(f"policy.save_lora: folded adapters cover different modules (ranks {sorted(ranks)})")
+            config.update(r=ranks.pop(), lora_alpha=None, rank_pattern={}, alpha_pattern={})
+            config["lora_alpha"] = config["r"]
+        tensors = {f"{LORA_PREFIX}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
         config = {f"{LORA_PREFIX}.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         metadata = {"format": "pt", LORA_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True, default=str)}
         path = Path(out_dir) / LORA_WEIGHT_NAME

@@ -9,6 +9,12 @@ mp4 is decoded. With `train.lambda2 > 0` the round's selected real videos (PhysH
 a flow-matching regulariser. The output `checkpoints` manifest holds the base policy row and the
 new LoRA row, which is what `generate` of the next round samples with.
 
+From round 2 on the reference moves (`reference_policy: previous_round`, IPO): the previous
+round's LoRA is folded into the weights, a fresh LoRA trains against that policy, and the saved
+LoRA stacks both (ranks add up; still one diffusers-loadable file over the base). With `base` the
+previous LoRA trains further and the reference stays the base. The checkpoint row's
+`metrics_json.reference` and the count `reference_moved` say which.
+
 Training runs through Ray Train (`backend: ray_train`, the default): a `TorchTrainer` whose
 workers each load the policy and run `train_preference`; one CPU worker here, `workers` GPU
 workers with DDP on a cluster, the same code. Rank 0 alone writes the LoRA and `metrics.json`
@@ -52,6 +58,12 @@ class FinetuneConfig(StageConfig):
         "mq_ta",
         description="mq_ta: MQ decides and TA must not disagree (ENVIRONMENT.md: winners on motion alone lost caption "
         "agreement); mq: MQ alone; overall: A is chosen (label's overall-score order) unless a dimension says B",
+    )
+    reference_policy: Literal["previous_round", "base"] = Field(
+        "previous_round",
+        description="the Flow-DPO/KTO reference from round 2 on: previous_round (IPO: the previous round's LoRA is "
+        "folded into the weights and a fresh LoRA trains against that policy; the saved LoRA stacks both) or base "
+        "(the previous LoRA trains further against the base)",
     )
     max_pairs: int | None = Field(None, ge=1, description="use at most this many pairs (None: all usable pairs)")
     max_real_videos: int = Field(256, ge=1, description="selected real clips kept for the λ2 regulariser")
@@ -163,12 +175,13 @@ class TrainJob:
     """Everything a training worker needs, sent to it whole: it reads no manifest."""
 
     policy_cfg: PolicyConfig
-    lora: str | None  # the previous round's LoRA folder, trained further
+    lora: str | None  # the previous round's LoRA folder
     data: PreferenceData
     train: PreferenceTrainConfig
     real_frames: np.ndarray | None
     real_prompts: list[str] | None
     lora_dir: Path  # where rank 0 writes the new LoRA and metrics.json
+    fold: bool = False  # fold `lora` into the weights and train a fresh LoRA against it (the reference moves)
 
 
 def train_and_save(job: TrainJob, on_step: Callable[[dict], None] | None = None, device: str | None = None) -> dict:
@@ -180,6 +193,8 @@ def train_and_save(job: TrainJob, on_step: Callable[[dict], None] | None = None,
     if device is not None and policy_cfg.device == "auto":
         policy_cfg = policy_cfg.model_copy(update={"device": device})
     policy = load_sampler(policy_cfg, job.lora)
+    if job.lora is not None and job.fold:
+        policy.fold_lora()
     real_latents = None if job.real_frames is None else policy.encode(job.real_frames)
     info = train_preference(policy, job.data, job.train, on_step=on_step, real_latents=real_latents,
                             real_prompts=job.real_prompts)
@@ -278,7 +293,8 @@ def run(
             )
     train_cfg = cfg.train if batch == cfg.train.batch_size else cfg.train.model_copy(update={"batch_size": batch})
     lora_dir = out.files("lora")
-    job = TrainJob(policy_cfg, lora, data, train_cfg, real_frames, real_prompts, lora_dir)
+    fold = lora is not None and cfg.reference_policy == "previous_round"
+    job = TrainJob(policy_cfg, lora, data, train_cfg, real_frames, real_prompts, lora_dir, fold)
     if cfg.backend == "local":
         info = train_and_save(job, on_step=on_step)
     else:
@@ -290,17 +306,19 @@ def run(
     metrics = {**{f"final_{k}": v for k, v in final.items()}, "seconds_per_step": float(info["seconds_per_step"]),
                "compute_s": float(info["seconds"])}
     base = next(r for r in ckpt_rows if r["kind"] == "policy")
+    # the policy the DPO reference was (logged in the checkpoint row and the counts)
+    reference = policy_id if fold else base["checkpoint_id"]
     rows = [
         dict(base),
         {
             "checkpoint_id": f"lora-r{round:02d}", "kind": "policy_lora", "format": "peft",
             "path": layout.stored_path(lora_dir), "base_id": policy_id, "round": round,
-            "metrics_json": json.dumps({"method": cfg.train.method, **metrics,
+            "metrics_json": json.dumps({"method": cfg.train.method, **metrics, "reference": reference,
                                         "stopped_on_nonfinite": info["stopped_on_nonfinite"]}, sort_keys=True),
         },
     ]
     ref = write_manifest(rows, "checkpoints", out.manifest_path, layout, lineage)
-    counts.update(steps_done=int(info["steps_done"]), real_videos=int(info["real_videos"]))
+    counts.update(steps_done=int(info["steps_done"]), real_videos=int(info["real_videos"]), reference_moved=int(fold))
     if info["stopped_on_nonfinite"]:
         counts["stopped_on_nonfinite"] = 1
     return StageResult(ref, counts=counts, metrics=metrics, images={"loss and implicit accuracy": str(curves)})

@@ -117,6 +117,38 @@ def test_finetune_writes_a_lora_the_next_round_samples_with(tmp_path, ray_local)
     assert (out.path / "figures" / "training_curves.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("reference_policy", ["previous_round", "base"])
+def test_round_two_reference_moves_to_the_previous_round_or_stays(tmp_path, reference_policy):
+    """Round 2 trains on round 1's checkpoints: with `previous_round` round 1's LoRA is folded in and
+    a fresh one trains against that policy (logged); either way one LoRA over the base comes out
+    and its round-2 policy differs from round 1's."""
+    layout, inputs = tiny_round(tmp_path)
+    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=10, batch_size=4, lr=1e-3, lora_rank=4),
+                         backend="local", reference_policy=reference_policy)
+    results = {}
+    for rnd in (1, 2):
+        out = layout.stage("finetune", round=rnd)
+        out.path.mkdir(parents=True)
+        results[rnd] = finetune.run(inputs, cfg, layout, out, Lineage("finetune", {}, cfg.hash()), round=rnd)
+        inputs = {**inputs, "checkpoints": results[rnd].manifest}
+    moved = reference_policy == "previous_round"
+    assert results[1].counts["reference_moved"] == 0 and results[2].counts["reference_moved"] == int(moved)
+    row = read_manifest(results[2].manifest.path, "checkpoints", layout).rows()[1]
+    assert json.loads(row["metrics_json"])["reference"] == ("lora-r01" if moved else "base") and row["base_id"] == "lora-r01"
+    saved = load_file(str(layout.resolve(row["path"]) / LORA_WEIGHT_NAME))
+    ranks = {v.shape[0] for k, v in saved.items() if k.endswith("lora_A.weight")}
+    assert ranks == ({8} if moved else {4}), "a moved reference stacks round 1's rank-4 LoRA with round 2's"
+    policies = []
+    for rnd in (1, 2):
+        rows = read_manifest(results[rnd].manifest.path, "checkpoints", layout).rows()
+        policy_cfg, lora, _ = policy_from_checkpoints(rows, layout, "test")
+        policies.append(load_sampler(policy_cfg.model_copy(update={"device": "cpu"}), lora))
+    x = torch.randn((1, *policies[0].latent_shape), generator=torch.Generator().manual_seed(1))
+    text = policies[0].encode_text([PROMPTS[0]])
+    v1, v2 = (p.velocity(x, torch.tensor([0.5]), text.embeddings, text.mask) for p in policies)
+    assert not torch.allclose(v1, v2, atol=1e-6)
+
+
 def test_labels_that_decide_nothing_keep_the_policy_unchanged(tmp_path):
     layout, inputs = tiny_round(tmp_path, n_pairs=4)
     out = layout.stage("finetune", round=1)

@@ -101,6 +101,41 @@ def test_disable_adapter_gives_the_base_exactly(saved, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_folded_lora_is_the_new_reference_and_saves_stacked(saved, family, tmp_path):
+    """Round k's LoRA folded in: disabling the next adapter gives round k's policy, and the one
+    saved LoRA (ranks stacked) loads over the base as the current policy, also in diffusers."""
+    policy = load(saved, family)
+    x, t, text = probe(policy)
+    base = velocity(policy, x, t, text)
+    policy.add_lora(rank=4, alpha=16)
+    randomise_lora_b(policy, seed=1)
+    first = velocity(policy, x, t, text)
+    policy.fold_lora()
+    assert not policy.has_lora
+    torch.testing.assert_close(velocity(policy, x, t, text), first, rtol=0, atol=1e-5)
+    policy.add_lora(rank=2, alpha=2)
+    randomise_lora_b(policy, seed=2)
+    second = velocity(policy, x, t, text)
+    with policy.disable_adapter():
+        torch.testing.assert_close(velocity(policy, x, t, text), first, rtol=0, atol=1e-5)
+    assert not torch.allclose(second, first, atol=1e-4)
+    policy.save_lora(tmp_path)
+    fresh = load(saved, family)
+    fresh.load_lora(tmp_path)
+    torch.testing.assert_close(velocity(fresh, x, t, text), second, rtol=0, atol=1e-5)
+    assert fresh.transformer.peft_config["default"].r == 6
+    with fresh.disable_adapter():
+        assert torch.equal(velocity(fresh, x, t, text), base)
+    root, paths = saved
+    pipeline_cls, scheduler_cls = PIPELINES[family]
+    enc = policy.text_encoder
+    pipe = pipeline_cls(tokenizer=enc.tokenizer, text_encoder=enc.model, vae=None,
+                        transformer=TRANSFORMER_CLASSES[family].from_pretrained(paths[family]), scheduler=scheduler_cls())
+    pipe.load_lora_weights(tmp_path)
+    torch.testing.assert_close(velocity(Policy(policy.cfg, pipe.transformer, enc), x, t, text), second, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_saved_lora_loads_with_the_diffusers_pipeline(saved, family, tmp_path):
     """diffusers' own `load_lora_weights` reads our file and changes the output as the peft model does."""
     root, paths = saved
