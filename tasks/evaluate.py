@@ -357,7 +357,7 @@ def sample_and_score(
     first `keep_frames` pairs (for the strip)."""
     from tasks.video_io import read_video, write_video
 
-    sampler = load_sampler(policy.policy_cfg, policy.lora)
+    sampler = load_sampler(policy.policy_cfg, policy.lora, fold=True)
     fps = policy_fps(policy.policy_cfg)
     steer = None
     if cfg.reward_guidance.enabled:

@@ -72,7 +72,7 @@ def sample_to_dir(
     from tasks.video_io import write_video
 
     policy_cfg, lora, policy_id = run_policy(layout, policy)
-    sampler = load_sampler(policy_cfg, lora)
+    sampler = load_sampler(policy_cfg, lora, fold=True)
     fps = policy_fps(policy_cfg)
     steer = None
     if guidance is not None and guidance.enabled:
