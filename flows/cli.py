@@ -18,6 +18,7 @@ import argparse
 import fcntl
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -301,6 +302,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     print(f"prefloop: serving deployments{' of pool ' + args.pool if args.pool else ''} against {info.ui_url} "
           "(Ctrl-C stops; their schedules pause)", flush=True)
+    # A process started in the background by a non-interactive shell inherits SIGINT as ignored, and
+    # Python then keeps it so: Ctrl-C / `kill -INT` would never stop the runner or pause the schedules.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         serve(spec, pool=args.pool)
     except DeploymentSpecError as err:
