@@ -47,8 +47,8 @@ def main() -> None:
     from data_contracts import read_manifest
     from flows.config import resolve_config
     from models.physics_world import WorldSpec
-    from models.policy_training import BasePolicyTrainConfig, frame_strip_png, judge_samples, train_base_policy
-    from tasks.bootstrap import full_length, training_rows
+    from models.policy_training import BasePolicyTrainConfig, train_base_policy
+    from tasks.bootstrap import full_length, judge_heldout, training_rows
     from tasks.video_io import read_video
 
     run_dir = args.runs_root / args.run
@@ -70,17 +70,12 @@ def main() -> None:
         "train_s": round(info["seconds"], 1), "s_per_step": round(info["seconds_per_step"], 3),
         "final_loss": round(info["final_loss"], 4),
     }
-    prompts = [heldout[i % len(heldout)] for i in range(args.samples)]
-    seeds = list(range(args.samples))
     spec_world = WorldSpec(size=shape[1], frames=shape[0])
     for g in guidances:
         t0 = time.perf_counter()
         policy.cfg = policy.cfg.model_copy(update={"guidance_scale": float(g)})
-        judged = judge_samples(policy, prompts, seeds, spec_world)
+        judged, _ = judge_heldout(policy, heldout, args.samples, spec_world, out_dir / f"samples_guidance_{g}.png")
         low, high = judged["plausibility_ci"]
-        order = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
-        picked = [i for i in order if i < 2 * len(heldout)][:12]
-        frame_strip_png([judged["frames"][i] for i in picked], out_dir / f"samples_guidance_{g}.png")
         result[f"guidance_{g}"] = {
             "plausibility": round(100 * judged["plausibility"], 1), "ci": [round(100 * low, 1), round(100 * high, 1)],
             "caption_agreement": round(100 * judged["caption_agreement"], 1), "judge_s": round(time.perf_counter() - t0, 1),

@@ -687,8 +687,8 @@ class Policy:
             ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
             if len(ranks) != 1:
                 raise ValueError(f"policy.save_lora: folded adapters cover different modules (ranks {sorted(ranks)})")
-            config.update(r=ranks.pop(), lora_alpha=None, rank_pattern={}, alpha_pattern={})
-            config["lora_alpha"] = config["r"]
+            rank = ranks.pop()
+            config.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={})
         tensors = {f"{LORA_PREFIX}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
         config = {f"{LORA_PREFIX}.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         metadata = {"format": "pt", LORA_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True, default=str)}

@@ -114,6 +114,17 @@ def full_length(frames: list[np.ndarray], captions: list[str]) -> tuple[list[np.
     return [frames[i] for i in keep], [captions[i] for i in keep], shape
 
 
+def judge_heldout(policy, heldout: list[str], samples: int, spec: WorldSpec, strip_path: Path) -> tuple[dict, Path]:
+    """Judge `samples` videos for the held-out prompts (prompt i mod n, seed i) and draw a frame
+    strip: one row per held-out prompt, its first two seeds side by side. Returns
+    (`judge_samples`' result, the strip's path)."""
+    prompts = [heldout[i % len(heldout)] for i in range(samples)]
+    judged = judge_samples(policy, prompts, list(range(samples)), spec)
+    order = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
+    picked = [i for i in order if i < 2 * len(heldout)][:12]
+    return judged, frame_strip_png([judged["frames"][i] for i in picked], strip_path)
+
+
 def bootstrap_policy(
     frames: list[np.ndarray], captions: list[str], heldout: list[str], cfg: BootstrapConfig, layout: RunLayout, out: StageDir
 ) -> tuple[dict, dict[str, float], Path | None]:
@@ -138,10 +149,10 @@ def bootstrap_policy(
     # 2. judge samples for held-out prompts: the rate alignment starts from
     strip = None
     if cfg.judge_samples and heldout:
-        prompts = [heldout[i % len(heldout)] for i in range(cfg.judge_samples)]
-        seeds = list(range(cfg.judge_samples))
-        spec = WorldSpec(size=size, frames=n_frames)
-        judged = judge_samples(policy, prompts, seeds, spec)
+        judged, strip = judge_heldout(
+            policy, heldout, cfg.judge_samples, WorldSpec(size=size, frames=n_frames),
+            out.files("figures") / "base_policy_samples.png",
+        )
         low, high = judged["plausibility_ci"]
         metrics.update(
             policy_judged_samples=float(judged["n"]),
@@ -150,10 +161,6 @@ def bootstrap_policy(
             policy_plausibility_ci_high=round(high, 4),
             policy_caption_agreement=round(judged["caption_agreement"], 4),
         )
-        # one row per held-out prompt, its first two seeds side by side in the strip's rows
-        order = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
-        picked = [i for i in order if i < 2 * len(heldout)][:12]
-        strip = frame_strip_png([judged["frames"][i] for i in picked], out.files("figures") / "base_policy_samples.png")
     summary = {k: v for k, v in metrics.items() if k != "policy_clips"}
     row = {
         "checkpoint_id": "base",

@@ -192,9 +192,7 @@ def train_and_save(job: TrainJob, on_step: Callable[[dict], None] | None = None,
     policy_cfg = job.policy_cfg
     if device is not None and policy_cfg.device == "auto":
         policy_cfg = policy_cfg.model_copy(update={"device": device})
-    policy = load_sampler(policy_cfg, job.lora)
-    if job.lora is not None and job.fold:
-        policy.fold_lora()
+    policy = load_sampler(policy_cfg, job.lora, fold=job.fold)
     real_latents = None if job.real_frames is None else policy.encode(job.real_frames)
     info = train_preference(policy, job.data, job.train, on_step=on_step, real_latents=real_latents,
                             real_prompts=job.real_prompts)

@@ -269,8 +269,9 @@ def policy_from_checkpoints(rows: Sequence[Mapping[str, Any]], layout: RunLayout
 
 
 def load_sampler(policy_cfg: PolicyConfig, lora: str | None, fold: bool = False) -> Any:
-    """The policy with its LoRA; `fold`: folded into the weights (sampling only: the same policy
-    without the adapter's extra matmuls, ~15% faster per sample on CPU)."""
+    """The policy with its LoRA; `fold`: folded into the weights (`Policy.fold_lora`): the same
+    policy without the adapter's extra matmuls (~15% faster per sample on CPU), and the start of
+    a round whose reference moves to it (finetune)."""
     from models.policy import Policy
 
     policy = Policy.from_pretrained(policy_cfg)
