@@ -78,6 +78,10 @@ class FinetuneConfig(StageConfig):
     num_gpus: float | None = Field(
         None, ge=0, description="GPUs per Ray Train worker; None: infra/resources.py (clamped to what the cluster has)"
     )
+    num_cpus: float | None = Field(
+        None, gt=0, description="CPUs (and math threads) per Ray Train worker; None: the largest node's CPUs split "
+        "between the workers (2 here: 0.32 s a step instead of 0.53 s with 1)"
+    )
 
     @model_validator(mode="after")
     def _check_workers(self) -> FinetuneConfig:
@@ -214,15 +218,17 @@ def train_on_ray(job: TrainJob, cfg: FinetuneConfig, out: StageDir, address: str
     from ray.train.torch import TorchTrainer
 
     from infra.ray_cluster import ray_session
-    from infra.resources import resources_for
+    from infra.resources import largest_node_cpus, resources_for
 
     storage = out.files("ray_train")
     # Ray Train restores the state of a run it finds under the same name; every attempt of the
     # stage trains from the start (the LoRA is published only by the manifest), so none is kept.
     shutil.rmtree(storage, ignore_errors=True)
-    overrides = {"num_gpus": cfg.num_gpus} if cfg.num_gpus is not None else {}
+    overrides = {k: v for k, v in {"actors": cfg.workers, "num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus}.items()
+                 if v is not None}
     with ray_session(address=address):
-        res = resources_for("finetune", overrides, gpus_available=ray.cluster_resources().get("GPU", 0.0))
+        res = resources_for("finetune", overrides, gpus_available=ray.cluster_resources().get("GPU", 0.0),
+                            node_cpus=largest_node_cpus())
         per_worker = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus > 0 else {})}
         trainer = TorchTrainer(
             _train_loop_per_worker,

@@ -59,6 +59,9 @@ class GenerateConfig(StageConfig):
     batch_size: int = Field(16, ge=1, description="samples per sampling call of an actor")
     actors: int | None = Field(None, ge=1, description="policy actors; None: the `generate` row of infra/resources.py")
     num_gpus: float | None = Field(None, ge=0, description="GPUs per actor; None: infra/resources.py (clamped to what exists)")
+    num_cpus: float | None = Field(
+        None, gt=0, description="CPUs (and math threads) per actor; None: the largest node's CPUs split between the actors"
+    )
     write_latents: bool = Field(True, description="cache each sample's latents (safetensors) for training")
     policy: PolicyConfig | None = Field(
         None, description="the policy to sample (hub ids or folders); None: the policy in the input `checkpoints`"
@@ -457,11 +460,13 @@ def sample_on_ray(
     import ray
 
     from infra.ray_cluster import ray_session
-    from infra.resources import resources_for, torch_device
+    from infra.resources import largest_node_cpus, resources_for, torch_device
 
-    overrides = {k: v for k, v in {"actors": cfg.actors, "num_gpus": cfg.num_gpus}.items() if v is not None}
+    overrides = {k: v for k, v in {"actors": cfg.actors, "num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus}.items()
+                 if v is not None}
     with ray_session(address=address):
-        res = resources_for("generate", overrides, gpus_available=ray.cluster_resources().get("GPU", 0.0))
+        res = resources_for("generate", overrides, gpus_available=ray.cluster_resources().get("GPU", 0.0),
+                            node_cpus=largest_node_cpus())
         device_cfg = policy_cfg.model_copy(update={"device": torch_device(res.num_gpus)}) if policy_cfg.device == "auto" else policy_cfg
         worker = ray.remote(worker_cls).options(max_restarts=3, max_task_retries=3, **res.ray_options())
         actors = [worker.remote(device_cfg.model_dump(mode="json"), lora) for _ in range(min(res.actors, len(jobs)))]

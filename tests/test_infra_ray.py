@@ -17,6 +17,7 @@ from infra.ray_cluster import REPO_ROOT, RaySession, ray_session
 from infra.resources import (
     STAGE_RESOURCES,
     StageResources,
+    largest_node_cpus,
     resources_for,
     thread_env,
     torch_device,
@@ -140,6 +141,32 @@ def test_threads_follow_whole_reserved_cpus():
     two_cpus = StageResources(2.0, 0, 1, 8).ray_options()
     assert two_cpus["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
     assert thread_env(1)["OPENBLAS_NUM_THREADS"] == "1"
+
+
+def test_share_node_stages_split_a_node_between_their_workers():
+    # the stage's workers are all that runs while it runs: a node's CPUs split between them
+    assert resources_for("finetune", gpus_available=0, node_cpus=2).num_cpus == 2
+    assert resources_for("finetune", {"actors": 2}, gpus_available=0, node_cpus=2).num_cpus == 1
+    assert resources_for("generate", {"actors": 3}, gpus_available=0, node_cpus=16).num_cpus == 5
+    assert resources_for("generate", {"actors": 4}, gpus_available=0, node_cpus=2).num_cpus == 0.5  # the row's floor
+    assert resources_for("finetune", {"num_cpus": 1.0}, gpus_available=0, node_cpus=8).num_cpus == 1  # config wins
+    assert resources_for("label", gpus_available=0, node_cpus=8).num_cpus == 0.25  # an actor pool beside Ray Data
+    assert resources_for("finetune", gpus_available=0).num_cpus == 1  # node unknown: the row
+
+
+def test_a_share_node_actor_computes_with_the_whole_node(ray_local):
+    import ray
+
+    res = resources_for("finetune", gpus_available=0, node_cpus=largest_node_cpus())
+    assert largest_node_cpus() == 2 and res.num_cpus == 2
+
+    @ray.remote
+    def threads() -> tuple[str | None, int]:
+        import torch
+
+        return os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+
+    assert ray.get(threads.options(**res.ray_options()).remote(), timeout=120) == ("2", 2)
 
 
 def test_torch_device_is_cpu_without_a_gpu_request():
