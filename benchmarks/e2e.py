@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/e2e.py --no-scaling      # skip the 2x-prompts measurement
 
 1. `prefloop run --run e2e --set run.rounds=2` in a fresh runs root, as a user types it (a real
-   Prefect server, local Ray per stage), timed from outside: the wall time.
+   Prefect server, one local Ray shared by its stages), timed from outside: the wall time.
 2. Per stage, from its `stage.json`: its seconds and `compute_s`, the seconds in model compute
    (sampling, training, scoring, judging; tasks/common.py). The overhead share is
    `1 - Σ compute_s / wall`: orchestration, Prefect, Ray start-up, imports, I/O.

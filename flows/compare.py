@@ -20,6 +20,7 @@ from data_contracts import read_marker
 from data_contracts.lineage import atomic_write_bytes
 from flows.stages import _layout, _policy_checkpoints, _upstream, run_stage, step_logger
 from tasks import evaluate, finetune
+from tasks.finetune import PAIRWISE_METHODS
 
 COLUMNS = (
     ("plausibility_round", "plausibility"),
@@ -41,6 +42,8 @@ def compare_flow(
         "generations": _upstream(layout, "generate", run, runs_root, config, round),
         "checkpoints": _policy_checkpoints(layout, round, run, runs_root, config),
     }
+    if cfg.finetune.train.lambda2 > 0 or cfg.finetune.real_winners:
+        inputs["selection"] = _upstream(layout, "select", run, runs_root, config)
     videos = _upstream(layout, "ingest", run, runs_root, config)
     baseline = _policy_checkpoints(layout, 1, run, runs_root, config)
     eval_cfg = cfg.evaluate.model_copy(update={"win_rates": False})
@@ -48,7 +51,9 @@ def compare_flow(
     for method in methods:
         # 1. the same pairs, only the method changes
         train = cfg.finetune.train.model_copy(update={"method": method})
-        ft_cfg = cfg.finetune.model_copy(update={"train": type(train).model_validate(train.model_dump())})
+        # real winners are pairs: the pointwise methods (sft, rwr, kto) train without them
+        ft_cfg = cfg.finetune.model_copy(update={"train": type(train).model_validate(train.model_dump()),
+                                                 "real_winners": cfg.finetune.real_winners and method in PAIRWISE_METHODS})
         ft_out = layout.variant("finetune", round, method)
         ft_fn = functools.partial(
             finetune.run, round=round, on_step=step_logger(ft_out.label), ray_address=cfg.run.ray_address

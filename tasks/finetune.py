@@ -50,6 +50,7 @@ from tasks.common import StageConfig, StageResult
 from tasks.generate import load_sampler, policy_from_checkpoints
 
 PREFER_RULES = ("mq_ta", "mq", "overall")
+PAIRWISE_METHODS = ("flow_dpo", "diffusion_dpo", "ipo")
 
 
 class FinetuneConfig(StageConfig):
@@ -66,6 +67,11 @@ class FinetuneConfig(StageConfig):
         "(the previous LoRA trains further against the base)",
     )
     max_pairs: int | None = Field(None, ge=1, description="use at most this many pairs (None: all usable pairs)")
+    real_winners: bool = Field(
+        False,
+        description="PhysHPO's instance level: each usable pair's loser also loses to a selected real clip of the same "
+        "caption (one more pair per pair; pairwise methods only)",
+    )
     max_real_videos: int = Field(256, ge=1, description="selected real clips kept for the λ2 regulariser")
     backend: Literal["ray_train", "local"] = Field(
         "ray_train",
@@ -85,6 +91,11 @@ class FinetuneConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check_workers(self) -> FinetuneConfig:
+        if self.real_winners and self.train.method not in PAIRWISE_METHODS:
+            raise ValueError(
+                f"finetune.real_winners adds pairs, and finetune.train.method={self.train.method} does not train on "
+                f"pairs; use one of {', '.join(PAIRWISE_METHODS)} or set finetune.real_winners=false"
+            )
         if self.workers > 1 and self.backend == "local":
             raise ValueError(f"finetune.workers={self.workers} needs finetune.backend=ray_train (local is one process)")
         if self.train.batch_size % self.workers:
@@ -174,6 +185,45 @@ def real_videos(inputs: Mapping[str, ManifestRef], policy_cfg: PolicyConfig, cfg
     return np.stack(frames), captions
 
 
+def real_winner_clips(inputs: Mapping[str, ManifestRef], policy_cfg: PolicyConfig, prompts: Sequence[str],
+                      layout: RunLayout, round_: int) -> tuple[np.ndarray, list[int]]:
+    """Frames of one selected real clip per pair (PhysHPO's instance-level winner) and the pairs that got one.
+
+    A pair's clip is a selected clip whose caption is the pair's prompt, of the policy's shape; a prompt's
+    pairs take its clips in turn, starting at an offset that moves with the round, so rounds see
+    different clips. Pairs whose prompt has no such clip get none."""
+    from tasks.video_io import read_video
+
+    shape = (policy_cfg.frames, policy_cfg.height, policy_cfg.width, 3)
+    by_caption: dict[str, list[str]] = {}
+    for r in read_manifest(inputs["selection"].path, "selection", layout).rows():
+        if r["selected"] and r["caption"] in set(prompts):
+            by_caption.setdefault(r["caption"], []).append(r["video_path"])
+    frames, kept, used = [], [], dict.fromkeys(by_caption, 0)
+    for i, prompt in enumerate(prompts):
+        paths = sorted(by_caption.get(prompt, []))
+        for _ in range(len(paths)):
+            path = paths[(round_ - 1 + used[prompt]) % len(paths)]
+            used[prompt] += 1
+            clip = read_video(layout.resolve(path))
+            if clip.shape == shape:
+                frames.append(clip)
+                kept.append(i)
+                break
+    empty = np.zeros((0, *shape), dtype=np.uint8)
+    return (np.stack(frames) if frames else empty), kept
+
+
+@dataclass(frozen=True)
+class RealWinners:
+    """PhysHPO's instance-level pairs: real clips (uint8 frames, encoded by the worker's policy) over
+    generated losers (latents), one prompt each."""
+
+    frames: np.ndarray
+    prompts: list[str]
+    rejected: Any  # torch.Tensor (N, C, F, H, W)
+
+
 @dataclass(frozen=True)
 class TrainJob:
     """Everything a training worker needs, sent to it whole: it reads no manifest."""
@@ -186,6 +236,7 @@ class TrainJob:
     real_prompts: list[str] | None
     lora_dir: Path  # where rank 0 writes the new LoRA and metrics.json
     fold: bool = False  # fold `lora` into the weights and train a fresh LoRA against it (the reference moves)
+    real_winners: RealWinners | None = None  # pairs appended to `data` once the worker has encoded the clips
 
 
 def train_and_save(job: TrainJob, on_step: Callable[[dict], None] | None = None, device: str | None = None) -> dict:
@@ -198,7 +249,15 @@ def train_and_save(job: TrainJob, on_step: Callable[[dict], None] | None = None,
         policy_cfg = policy_cfg.model_copy(update={"device": device})
     policy = load_sampler(policy_cfg, job.lora, fold=job.fold)
     real_latents = None if job.real_frames is None else policy.encode(job.real_frames)
-    info = train_preference(policy, job.data, job.train, on_step=on_step, real_latents=real_latents,
+    data = job.data
+    if job.real_winners is not None:
+        import torch
+
+        w = job.real_winners
+        real = policy.encode(np.array(w.frames)).to(data.chosen.dtype)  # a copy: Ray hands workers read-only arrays
+        data = PreferenceData(prompts=list(data.prompts) + w.prompts, chosen=torch.cat([data.chosen, real]),
+                              rejected=torch.cat([data.rejected, w.rejected]))
+    info = train_preference(policy, data, job.train, on_step=on_step, real_latents=real_latents,
                             real_prompts=job.real_prompts)
     if info.get("distributed", {}).get("rank", 0) == 0:
         save_preference_checkpoint(policy, job.lora_dir, info)
@@ -286,19 +345,25 @@ def run(
     real_frames, real_prompts = (None, None)
     if cfg.train.lambda2 > 0:
         real_frames, real_prompts = real_videos(inputs, policy_cfg, cfg, layout)
+    winners = None
+    if cfg.real_winners:
+        frames, kept = real_winner_clips(inputs, policy_cfg, prompts, layout, round)
+        winners = RealWinners(frames, [prompts[i] for i in kept], rejected[kept])
+        counts["real_winner_pairs"] = len(kept)
     # 3. train (rank 0 saves), plot
     batch = cfg.train.batch_size
-    if len(pairs) < batch:  # a multiple of the workers, so each takes an equal share
-        batch = len(pairs) - len(pairs) % cfg.workers
+    rows = len(pairs) + (len(winners.prompts) if winners is not None else 0)
+    if rows < batch:  # a multiple of the workers, so each takes an equal share
+        batch = rows - rows % cfg.workers
         if batch == 0:
             raise ValueError(
-                f"`{inputs['labels'].path}`: {len(pairs)} usable pairs cannot be split over finetune.workers="
+                f"`{inputs['labels'].path}`: {rows} usable pairs cannot be split over finetune.workers="
                 f"{cfg.workers}; label more pairs or use fewer workers"
             )
     train_cfg = cfg.train if batch == cfg.train.batch_size else cfg.train.model_copy(update={"batch_size": batch})
     lora_dir = out.files("lora")
     fold = lora is not None and cfg.reference_policy == "previous_round"
-    job = TrainJob(policy_cfg, lora, data, train_cfg, real_frames, real_prompts, lora_dir, fold)
+    job = TrainJob(policy_cfg, lora, data, train_cfg, real_frames, real_prompts, lora_dir, fold, winners)
     if cfg.backend == "local":
         info = train_and_save(job, on_step=on_step)
     else:

@@ -238,3 +238,61 @@ def test_more_workers_than_the_batch_splits_into_is_refused():
         FinetuneConfig(train=PreferenceTrainConfig(batch_size=3), workers=2)
     with pytest.raises(ValueError, match="needs finetune.backend=ray_train"):
         FinetuneConfig(workers=2, backend="local")
+
+
+def with_selection(layout, inputs, clips_per_prompt: int = 2):
+    """A `selection` manifest with bright real clips of the first prompt only (selected), plus a
+    rejected clip of it and a clip of another shape: the real winners' candidates."""
+    import numpy as np
+
+    from tasks.video_io import write_video
+
+    sel = layout.stage("select")
+    rows = []
+    for i, (caption, selected, size) in enumerate(
+        [(PROMPTS[0], True, 16)] * clips_per_prompt + [(PROMPTS[0], False, 16), (PROMPTS[0], True, 32)]
+    ):
+        path = sel.files("clips") / f"real{i}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(path, np.full((8, size, size, 3), 200 + i, dtype=np.uint8), fps=8.0)
+        rows.append({"video_id": f"real{i}", "video_path": layout.stored_path(path), "caption": caption, "split": "train",
+                     **{f"score_{k}": None for k in ("motion", "static", "scene_cut", "flicker", "sharpness", "quality",
+                                                     "clip", "physics", "caption")},
+                     "final_score": 1.0, "passed_json": "{}", "reason": None if selected else "blurry",
+                     "selected": selected})
+    ref = write_manifest(rows, "selection", sel.manifest_path, layout, Lineage("select", {}, "x"))
+    return {**inputs, "selection": ref}
+
+
+def test_real_winners_add_one_instance_pair_per_pair_with_a_real_clip(tmp_path, monkeypatch):
+    """PhysHPO's instance level: each usable pair's loser also loses to a selected real clip of its
+    prompt. Only the first prompt has clips (of the policy's shape, selected), so only its 4 pairs
+    get one; they take its two clips in turn; the worker encodes the clips."""
+    layout, inputs = tiny_round(tmp_path)
+    inputs = with_selection(layout, inputs)
+    seen = {}
+
+    def capture(policy, data, cfg, **kw):
+        seen["data"] = data
+        return real_train(policy, data, cfg, **kw)
+
+    real_train = finetune.train_preference
+    monkeypatch.setattr(finetune, "train_preference", capture)
+    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=2, batch_size=4), backend="local", real_winners=True)
+    out = layout.stage("finetune", round=1)
+    out.path.mkdir(parents=True)
+    result = finetune.run(inputs, cfg, layout, out, Lineage("finetune", {}, cfg.hash()), round=1)
+    assert result.counts["pairs"] == 8 and result.counts["real_winner_pairs"] == 4
+    data = seen["data"]
+    assert len(data.prompts) == 12 and data.prompts[8:] == [PROMPTS[0]] * 4
+    # the real winners are the two bright selected clips in turn, as decoded (mp4 moves 200 a little) and
+    # encoded to [-1, 1]; the losers are the dark latents of those pairs
+    from tasks.video_io import read_video
+
+    decoded = [read_video(layout.stage("select").files("clips") / f"real{i}.mp4").mean() / 127.5 - 1 for i in (0, 1)]
+    levels = data.chosen[8:].mean(dim=(1, 2, 3, 4))
+    assert torch.allclose(levels, torch.tensor(decoded * 2, dtype=levels.dtype), atol=1e-3) and decoded[0] != decoded[1]
+    assert (data.rejected[8:].mean(dim=(1, 2, 3, 4)) < 0).all()
+    assert torch.equal(data.rejected[8:], data.rejected[[0, 2, 4, 6]])
+    with pytest.raises(ValueError, match="real_winners adds pairs, and finetune.train.method=sft does not train on pairs"):
+        FinetuneConfig(train=PreferenceTrainConfig(method="sft"), real_winners=True)
