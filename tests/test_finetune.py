@@ -191,12 +191,16 @@ def test_ray_train_gives_the_lora_local_gives(tmp_path, ray_local):
     train = PreferenceTrainConfig(steps=4, batch_size=4, lr=1e-3)
     steps = []
     _, local, local_metrics = _finetune(layout, inputs, FinetuneConfig(train=train, backend="local"), "local")
-    out, ray, ray_metrics = _finetune(layout, inputs, FinetuneConfig(train=train), "ray", on_step=steps.append)
+    out, ray, ray_metrics = _finetune(layout, inputs, FinetuneConfig(train=train, backend="ray_train"), "ray",
+                                      on_step=steps.append)
     assert local.keys() == ray.keys() and all(torch.equal(local[k], ray[k]) for k in local)
     assert any(t.abs().sum() > 0 for k, t in ray.items() if "lora_B" in k), "the LoRA trained"
     assert ray_metrics["history"] == local_metrics["history"] == steps
     assert "distributed" not in ray_metrics, "one worker is the single-process path"
     assert (out.files("ray_train") / "finetune").is_dir(), "Ray Train's run state lives under the stage folder"
+    # the default (auto) trains one worker without a cluster address in this process: the same LoRA
+    auto_out, auto, _ = _finetune(layout, inputs, FinetuneConfig(train=train), "auto")
+    assert all(torch.equal(auto[k], local[k]) for k in local) and not (auto_out.path / "ray_train").exists()
 
 
 @pytest.mark.parametrize("method", ["flow_dpo", "kto"])

@@ -27,8 +27,9 @@ from tests.test_cli import REPO, TINY
 
 pytestmark = pytest.mark.faults
 
-# 400 steps of 2 pairs: finetune trains for tens of seconds, so the kill lands mid-training.
-SLOW_FINETUNE = ("--set", "finetune.train.steps=400", "--set", "finetune.prefer=mq")
+# 400 steps of 2 pairs: finetune trains for tens of seconds, so the kill lands mid-training; on Ray
+# Train (one worker would train in the driver by default), whose processes must not survive the kill.
+SLOW_FINETUNE = ("--set", "finetune.train.steps=400", "--set", "finetune.prefer=mq", "--set", "finetune.backend=ray_train")
 BEFORE = [("ingest", None), ("bootstrap", None), ("select", None), ("generate", 1), ("label", 1), ("train_reward", 1)]
 
 
