@@ -198,13 +198,16 @@ def real_winner_clips(inputs: Mapping[str, ManifestRef], policy_cfg: PolicyConfi
     from tasks.video_io import read_video
 
     shape = (policy_cfg.frames, policy_cfg.height, policy_cfg.width, 3)
+    wanted = set(prompts)
     by_caption: dict[str, list[str]] = {}
     for r in read_manifest(inputs["selection"].path, "selection", layout).rows():
-        if r["selected"] and r["caption"] in set(prompts):
+        if r["selected"] and r["caption"] in wanted:
             by_caption.setdefault(r["caption"], []).append(r["video_path"])
+    for paths in by_caption.values():
+        paths.sort()
     frames, kept, used = [], [], dict.fromkeys(by_caption, 0)
     for i, prompt in enumerate(prompts):
-        paths = sorted(by_caption.get(prompt, []))
+        paths = by_caption.get(prompt, [])
         for _ in range(len(paths)):
             path = paths[(round_ - 1 + used[prompt]) % len(paths)]
             used[prompt] += 1
