@@ -12,6 +12,15 @@ sets `time_budget_s`, so variants run side by side compare by steps — then sam
 (held-out prompt, seed) pairs as `bootstrap` does at each guidance of `eval_guidance` (default
 [1, 3, 5]), judges them, writes a frame strip per guidance under `--out-dir`, and prints one JSON
 line (also appended to `--out`).
+
+With `"eval_first_frame": true` in the spec it also samples the same pairs from a given frame 0 —
+the j-th sample of a prompt from frame 0 of the prompt's j-th held-out real clip (mod their number)
+— held as the trained policy holds it (`first_frame_mode`: `clean` when the spec sets
+`first_frame_rate` > 0, else `path`), and reports those rates and how many frame 0s came back
+exactly. `--reuse` loads a variant already trained in its `--out-dir` folder instead of training.
+
+    .venv/bin/python benchmarks/bootstrap_variants.py --run e2e --runs-root /tmp/e2e6 --samples 256 \
+        '{"steps": 1800, "first_frame_rate": 0.25, "eval_guidance": [5], "eval_first_frame": true}'
 """
 
 from __future__ import annotations
@@ -27,7 +36,23 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def heldout_first_frames(videos: list[dict], layout, shape: tuple[int, ...]) -> dict[str, list[np.ndarray]]:
+    """{held-out caption: frame 0 of each of its usable held-out clips of the policy's shape, by video_id}."""
+    from tasks.video_io import read_video
+
+    frames: dict[str, list[np.ndarray]] = {}
+    for r in sorted(videos, key=lambda r: r["video_id"]):
+        if r["split"] != "heldout" or not r["caption"] or r["reason"] is not None:
+            continue
+        clip = read_video(layout.resolve(r["video_path"]), max_frames=1)
+        if clip.shape[1:] == shape[1:]:
+            frames.setdefault(r["caption"], []).append(clip[0])
+    return frames
 
 
 def main() -> None:
@@ -38,6 +63,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128, help="held-out (prompt, seed) pairs judged per guidance")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when two variants run side by side)")
     ap.add_argument("--out", type=Path, default=Path("bootstrap_variants.jsonl"))
+    ap.add_argument("--reuse", action="store_true", help="load the variant from its --out-dir folder if it is there")
     ap.add_argument("--out-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "prefloop-bootstrap-variants")
     args = ap.parse_args()
 
@@ -47,7 +73,7 @@ def main() -> None:
     from data_contracts import read_manifest
     from flows.config import resolve_config
     from models.physics_world import WorldSpec
-    from models.policy_training import BasePolicyTrainConfig, train_base_policy
+    from models.policy_training import BasePolicyTrainConfig, first_frame_mode, load_policy, train_base_policy
     from tasks.bootstrap import full_length, judge_heldout, training_rows
     from tasks.video_io import read_video
 
@@ -61,25 +87,36 @@ def main() -> None:
 
     spec = json.loads(args.spec)
     guidances = spec.pop("eval_guidance", [1, 3, 5])
+    with_first_frame = bool(spec.pop("eval_first_frame", False))
     train_cfg = BasePolicyTrainConfig(**spec)
     name = "-".join(f"{k}{v}" for k, v in sorted(spec.items())) or "default"
     out_dir = args.out_dir / name
-    policy, info = train_base_policy(clips, captions, out_dir, train_cfg)
+    if args.reuse and (out_dir / "transformer" / "config.json").is_file():
+        policy, info = load_policy(out_dir, shape[0], shape[1], first_frame_mode(train_cfg)), {}
+    else:
+        policy, info = train_base_policy(clips, captions, out_dir, train_cfg)
     result: dict = {
-        "spec": args.spec, "threads": args.threads, "clips": len(clips), "steps_done": info["steps_done"],
-        "train_s": round(info["seconds"], 1), "s_per_step": round(info["seconds_per_step"], 3),
-        "final_loss": round(info["final_loss"], 4),
+        "spec": args.spec, "threads": args.threads, "clips": len(clips), "steps_done": info.get("steps_done"),
+        "train_s": round(info.get("seconds", 0.0), 1), "s_per_step": round(info.get("seconds_per_step", 0.0), 3),
+        "final_loss": round(info.get("final_loss", float("nan")), 4), "reused": not info,
     }
     spec_world = WorldSpec(size=shape[1], frames=shape[0])
+    first = heldout_first_frames(videos, layout, shape) if with_first_frame else None
     for g in guidances:
-        t0 = time.perf_counter()
         policy.cfg = policy.cfg.model_copy(update={"guidance_scale": float(g)})
-        judged, _ = judge_heldout(policy, heldout, args.samples, spec_world, out_dir / f"samples_guidance_{g}.png")
-        low, high = judged["plausibility_ci"]
-        result[f"guidance_{g}"] = {
-            "plausibility": round(100 * judged["plausibility"], 1), "ci": [round(100 * low, 1), round(100 * high, 1)],
-            "caption_agreement": round(100 * judged["caption_agreement"], 1), "judge_s": round(time.perf_counter() - t0, 1),
-        }
+        for label, frames in (("", None), ("_first_frame", first)) if first else (("", None),):
+            t0 = time.perf_counter()
+            judged, _ = judge_heldout(policy, heldout, args.samples, spec_world,
+                                      out_dir / f"samples_guidance_{g}{label}.png", first_frames=frames)
+            low, high = judged["plausibility_ci"]
+            entry = {
+                "plausibility": round(100 * judged["plausibility"], 1), "ci": [round(100 * low, 1), round(100 * high, 1)],
+                "caption_agreement": round(100 * judged["caption_agreement"], 1),
+                "judge_s": round(time.perf_counter() - t0, 1),
+            }
+            if frames is not None:
+                entry.update(mode=policy.cfg.first_frame_mode, frame0_exact=judged["frame0_exact"])
+            result[f"guidance_{g}{label}"] = entry
     result["strips"] = str(out_dir)
     line = json.dumps(result)
     print(line)

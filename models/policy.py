@@ -122,6 +122,13 @@ class PolicyConfig(BaseModel):
         description="self-attention of the Wan family: full (as trained), or sparse_causal (HuViDPO: frame i attends "
         "to frame 0 and frame i-1 only; models/sparse_causal_attention.py)",
     )
+    first_frame_mode: Literal["path", "clean"] = Field(
+        "path",
+        description="how a given first frame is held while sampling: path (latent frame 0 follows the frame's noisy "
+        "path (1-t)·x0_f + t·ε; any text-to-video model, untrained for it) or clean (frame 0 stays the clean frame "
+        "and its tokens get timestep 0, as Wan 2.2 TI2V; needs a Wan policy trained so: "
+        "bootstrap.policy.first_frame_rate > 0)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PolicyConfig:
@@ -140,6 +147,11 @@ class PolicyConfig(BaseModel):
             raise ValueError(
                 "policy: attention=sparse_causal is an attention processor of the Wan family; CogVideoX's joint "
                 "text-video attention has no such option here: set family=wan or attention=full"
+            )
+        if self.first_frame_mode == "clean" and self.family != "wan":
+            raise ValueError(
+                "policy: first_frame_mode=clean gives frame 0's tokens their own timestep, which only the Wan family "
+                "takes (diffusers' per-token timesteps of Wan 2.2 TI2V); set family=wan or first_frame_mode=path"
             )
         return self
 
@@ -443,24 +455,42 @@ class Policy:
     # -- the velocity field ---------------------------------------------------------------------
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """v_θ(x_t, t, y) for latents (B, C, F, H, W) and t (B,) in [0, 1]; returns (B, C, F, H, W)."""
+        """v_θ(x_t, t, y) for latents (B, C, F, H, W); returns (B, C, F, H, W).
+
+        t is (B,) in [0, 1], one time per video, or (B, F), one time per latent frame (Wan only:
+        diffusers' per-token timesteps, as Wan 2.2 TI2V gives a clean first frame timestep 0).
+        """
         if x_t.ndim != 5 or tuple(x_t.shape[1:]) != self.latent_shape:
             raise ValueError(f"policy.velocity: x_t must be (B, {self.latent_shape}), got {tuple(x_t.shape)}")
-        batch = x_t.shape[0]
-        t = torch.as_tensor(t, device=self.device, dtype=torch.float32).reshape(-1).expand(batch)
+        batch, frames = x_t.shape[0], x_t.shape[2]
+        t = torch.as_tensor(t, device=self.device, dtype=torch.float32)
+        if t.ndim == 2:
+            if tuple(t.shape) != (batch, frames):
+                raise ValueError(f"policy.velocity: per-frame t must be (B, F) = ({batch}, {frames}), got {tuple(t.shape)}")
+            timestep = self._token_timesteps(t) * TIMESTEP_SCALE
+        else:
+            timestep = t.reshape(-1).expand(batch) * TIMESTEP_SCALE
         emb = (text_emb * text_mask.unsqueeze(-1).to(text_emb.dtype)).to(self.dtype)
         x = x_t.to(self.dtype)
         if self.cfg.family == "wan":
-            return self.transformer(
-                hidden_states=x, timestep=t * TIMESTEP_SCALE, encoder_hidden_states=emb, return_dict=False
-            )[0]
+            return self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
         out = self.transformer(
             hidden_states=x.permute(0, 2, 1, 3, 4),
             encoder_hidden_states=emb,
-            timestep=t * TIMESTEP_SCALE,
+            timestep=timestep,
             return_dict=False,
         )[0]
         return out.permute(0, 2, 1, 3, 4)
+
+    def _token_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-frame times (B, F) → one time per patch token (B, F/pt · H/ph · W/pw), in the order Wan flattens them."""
+        if self.cfg.family != "wan":
+            raise ValueError("policy.velocity: per-frame times need the Wan family (CogVideoX takes one timestep per video)")
+        pt, ph, pw = self.transformer.config.patch_size
+        _, frames, height, width = self.latent_shape
+        if pt > 1 and not bool((t.unflatten(1, (frames // pt, pt)) == t[:, ::pt, None]).all()):
+            raise ValueError(f"policy.velocity: frames of one temporal patch (pt={pt}) must share a time")
+        return t[:, ::pt].repeat_interleave((height // ph) * (width // pw), dim=1)
 
     def flow_matching_loss(
         self,
@@ -469,12 +499,15 @@ class Policy:
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        clean_first_frame: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample rectified-flow error, shape (B,).
 
         `e = mean over C·F·H·W of (v_θ(x_t, t, y) - (ε - x0))²`, `x_t = (1-t)·x0 + t·ε`
         (Liu et al. 2022; Lipman et al. 2022). t ~ U(0, 1) and ε ~ N(0, I) unless given: pass
-        both to share them between a winner and a loser (Flow-DPO).
+        both to share them between a winner and a loser (Flow-DPO). `clean_first_frame` (B,) bool
+        marks rows trained to continue a given frame (Wan 2.2 TI2V): their frame 0 stays x0's,
+        its tokens get t = 0, and the error is the mean over frames 1..F-1.
         """
         # 1. draw t and ε where not given
         batch = x0.shape[0]
@@ -488,8 +521,18 @@ class Policy:
         tb = t.view(-1, 1, 1, 1, 1).to(self.dtype)
         x_t = (1 - tb) * x0 + tb * noise
         text = self._as_text(text)
-        pred = self.velocity(x_t, t, text.embeddings, text.mask)
-        return (pred.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+        held = None if clean_first_frame is None else clean_first_frame.to(self.device, torch.bool)
+        if held is not None and bool(held.any()):
+            x_t[:, :, 0] = torch.where(held.view(-1, 1, 1, 1), x0[:, :, 0], x_t[:, :, 0])
+            t_frames = t.view(-1, 1).expand(batch, x0.shape[2]).clone()
+            t_frames[:, 0] = torch.where(held, 0.0, t)
+            pred = self.velocity(x_t, t_frames, text.embeddings, text.mask)
+        else:
+            pred = self.velocity(x_t, t, text.embeddings, text.mask)
+        sq_err = (pred.float() - (noise - x0).float()).pow(2)
+        if held is None or not bool(held.any()):
+            return sq_err.flatten(1).mean(1)
+        return torch.where(held, sq_err[:, :, 1:].flatten(1).mean(1), sq_err.flatten(1).mean(1))
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -520,7 +563,8 @@ class Policy:
 
         `first_frame` (uint8 (B, H, W, 3), HuViDPO): latent frame 0 is held on the path of the given
         frame: at every step frame 0 of x_t is replaced by `(1-t)·x0_f + t·ε_0` (ε_0 the seed's noise
-        of frame 0), and the end point's frame 0 is x0_f itself (`encode_first_frame` says what that
+        of frame 0) — or, with `first_frame_mode=clean`, by x0_f itself with its tokens at t = 0 (Wan
+        2.2 TI2V, for a policy trained so) — and the end point's frame 0 is x0_f itself (`encode_first_frame` says what that
         reproduces). `reward_guidance` (Flow-NRG, models/reward_guidance.py): after CFG,
         `ṽ = v - w·t/(1-t)·∇_x r(x_t, y, t)` at every step but t = 1.
         """
@@ -552,11 +596,16 @@ class Policy:
         x = self.initial_noise(seeds)
         eps_0 = x[:, :, 0].float().clone()
         grid = self.time_grid(steps)
+        clean = x0_f is not None and self.cfg.first_frame_mode == "clean"
         for t, t_next in zip(grid[:-1], grid[1:], strict=True):
             if x0_f is not None:
-                x[:, :, 0] = ((1 - t) * x0_f + t * eps_0).to(self.dtype)
+                x[:, :, 0] = (x0_f if clean else (1 - t) * x0_f + t * eps_0).to(self.dtype)
             xin = torch.cat([x, x]) if guidance != 1.0 else x
-            v = self.velocity(xin, t.expand(xin.shape[0]), text.embeddings, text.mask).float()
+            t_in = t.expand(xin.shape[0])
+            if clean:  # frame 0's tokens are told they are clean (t = 0), as the policy was trained
+                t_in = t_in.view(-1, 1).repeat(1, xin.shape[2])
+                t_in[:, 0] = 0.0
+            v = self.velocity(xin, t_in, text.embeddings, text.mask).float()
             if guidance != 1.0:
                 v_cond, v_uncond = v.chunk(2)
                 v = v_uncond + guidance * (v_cond - v_uncond)

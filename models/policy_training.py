@@ -73,6 +73,12 @@ class BasePolicyTrainConfig(BaseModel):
     caption_dropout: float = Field(
         0.1, ge=0, lt=1, description="share of clips trained on the empty prompt, so CFG's unconditional branch is learnt (SD/Wan's 0.1)"
     )
+    first_frame_rate: float = Field(
+        0.0, ge=0, lt=1,
+        description="share of clips trained to continue their own frame 0 (Wan 2.2 TI2V: frame 0 clean, its tokens at "
+        "t = 0, out of the loss), so the policy samples from a given first frame (`first_frame_mode=clean`); 0: "
+        "text-to-video only",
+    )
     seed: int = Field(0, description="seeds the initial weights, the batch order, t and ε")
     time_budget_s: float | None = Field(
         None, gt=0, description="stop training after this many seconds (info says so); None: run all steps"
@@ -145,7 +151,7 @@ def _check_clips(frames_list: Sequence[np.ndarray], captions: Sequence[str]) -> 
 # 3. Training
 
 
-def load_policy(out_dir: str | Path, frames: int = 8, size: int = 16) -> Policy:
+def load_policy(out_dir: str | Path, frames: int = 8, size: int = 16, first_frame_mode: str = "path") -> Policy:
     """The policy `train_base_policy` saved in `out_dir`, on the CPU, through `Policy.from_pretrained`."""
     out = Path(out_dir)
     return Policy.from_pretrained(
@@ -157,8 +163,14 @@ def load_policy(out_dir: str | Path, frames: int = 8, size: int = 16) -> Policy:
             frames=frames,
             height=size,
             width=size,
+            first_frame_mode=first_frame_mode,
         )
     )
+
+
+def first_frame_mode(cfg: BasePolicyTrainConfig) -> str:
+    """How the trained policy holds a given first frame: `clean` once it was trained to continue one."""
+    return "clean" if cfg.first_frame_rate > 0 else "path"
 
 
 def train_base_policy(
@@ -186,7 +198,7 @@ def train_base_policy(
         height=height, width=width, patch_size=cfg.patch_size, layers=cfg.layers, dim=cfg.dim,
         head_dim=cfg.head_dim, seed=cfg.seed,
     )
-    policy = load_policy(out, frames, height)
+    policy = load_policy(out, frames, height, first_frame_mode(cfg))
     model = policy.transformer
     model.requires_grad_(True).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -217,7 +229,9 @@ def train_base_policy(
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         t = sample_timesteps(len(rows), cfg.timesteps, gen)
         ids = drop_captions(caption_ids[rows], cfg.caption_dropout, empty_id, gen)
-        loss = policy.flow_matching_loss(x0[rows], bank.index(ids), t=t, generator=gen).mean()
+        # no draw at rate 0, so text-to-video training keeps its random stream
+        held = torch.rand(len(rows), generator=gen) < cfg.first_frame_rate if cfg.first_frame_rate > 0 else None
+        loss = policy.flow_matching_loss(x0[rows], bank.index(ids), t=t, generator=gen, clean_first_frame=held).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -270,16 +284,24 @@ def judge_samples(
     seeds: Sequence[int],
     spec: WorldSpec,
     batch_size: int = 32,
+    first_frames: Sequence[np.ndarray] | None = None,
 ) -> dict:
-    """Sample one video per (prompt, seed) pair, judge each, and report the rates with Wilson 95% intervals."""
+    """Sample one video per (prompt, seed) pair, judge each, and report the rates with Wilson 95% intervals.
+
+    `first_frames` (one uint8 (H, W, 3) frame per pair) samples each video from its given frame 0;
+    `frame0_exact` then counts the videos whose frame 0 is that frame bit for bit.
+    """
     if isinstance(prompts, str) or len(prompts) != len(seeds) or not prompts:
         raise ValueError(
             f"judge_samples: give one seed per prompt, at least one pair; got {len(prompts)} prompts, {len(seeds)} seeds"
         )
+    if first_frames is not None and len(first_frames) != len(prompts):
+        raise ValueError(f"judge_samples: {len(first_frames)} first frames for {len(prompts)} pairs; give one per pair")
     judge = PhysicsJudge(spec)
     frames, verdicts = [], []
     for i in range(0, len(prompts), batch_size):
-        videos = policy.sample(list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size]))
+        given = None if first_frames is None else np.stack(first_frames[i : i + batch_size])
+        videos = policy.sample(list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size]), first_frame=given)
         for video, prompt in zip(videos, prompts[i : i + batch_size], strict=True):
             frames.append(video)
             verdicts.append(judge.judge(video, prompt))
@@ -289,8 +311,10 @@ def judge_samples(
     reasons: dict[str, int] = {}
     for v in verdicts:
         reasons[v.reason] = reasons.get(v.reason, 0) + 1
+    exact = None if first_frames is None else sum(bool(np.array_equal(f[0], g)) for f, g in zip(frames, first_frames, strict=True))
     return {
         "n": n,
+        "frame0_exact": exact,
         "plausibility": plausible / n,
         "plausibility_ci": wilson_interval(plausible, n),
         "caption_agreement": agree / n,

@@ -58,6 +58,7 @@ from models.losses import (
     implicit_accuracy,
     ipo_loss,
     kto_loss,
+    noisy_input,
     pair_errors,
     regularised,
     rwr_loss,
@@ -172,6 +173,11 @@ class PreferenceTrainConfig(BaseModel):
         False,
         description="drop frame 0 from every error (HuViDPO's first-frame conditioning); the world is unconditioned",
     )
+    hold_first_frame: bool = Field(
+        False,
+        description="give the network frame 0 clean at t = 0, as a policy with `first_frame_mode=clean` samples from "
+        "a given frame (finetune sets it for such a policy's first-frame generations); needs exclude_first_frame",
+    )
     reference: Literal["disabled_adapter", "frozen_copy"] = Field(
         "disabled_adapter",
         description="disabled_adapter: the base network with the LoRA off (no second copy); frozen_copy: a copy of "
@@ -181,6 +187,11 @@ class PreferenceTrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> PreferenceTrainConfig:
+        if self.hold_first_frame and not self.exclude_first_frame:
+            raise ValueError(
+                "preference_training: hold_first_frame=true gives frame 0 as input, so its error says nothing; set "
+                "exclude_first_frame=true too"
+            )
         if self.beta_schedule != "constant" and self.method != "flow_dpo":
             raise ValueError(
                 f"preference_training: beta_schedule={self.beta_schedule!r} applies to flow_dpo only, not "
@@ -314,16 +325,16 @@ def velocity_fn(policy: Policy) -> VelocityFn:
 
 
 def sample_errors(
-    fn: VelocityFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: Any, exclude_first_frame: bool
+    fn: VelocityFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: Any, cfg: PreferenceTrainConfig
 ) -> torch.Tensor:
     """Per-video rectified-flow errors (B,) with given t and ε: `pair_errors` for single videos.
 
-    `x_t = (1-t)·x0 + t·ε`, `e = mean over C·F·H·W (frame 0 excluded on request) of (v(x_t,t,y) - (ε - x0))²`.
+    `x_t = (1-t)·x0 + t·ε`, `e = mean over C·F·H·W (frame 0 excluded on request) of (v(x_t,t,y) - (ε - x0))²`;
+    frame 0 held as `cfg.hold_first_frame` says (`noisy_input`).
     """
-    tb = t.view(-1, 1, 1, 1, 1).to(x0.dtype)
-    x_t = (1 - tb) * x0 + tb * noise
-    sq_err = (fn(x_t, t, cond).float() - (noise - x0).float()).pow(2)
-    return frame_mask_errors(sq_err, exclude_first_frame)
+    x_t, t_in = noisy_input(x0, t, noise, cfg.hold_first_frame)
+    sq_err = (fn(x_t, t_in, cond).float() - (noise - x0).float()).pow(2)
+    return frame_mask_errors(sq_err, cfg.exclude_first_frame)
 
 
 @dataclass(frozen=True)
@@ -356,9 +367,9 @@ def pairwise_loss(
     logged errors are those ε-errors. The same t and ε serve the policy and the reference.
     """
     # 1. the four errors, the pair sharing t and ε, the reference without gradient
-    e_w, e_l = pair_errors(policy_fn, b.x, b.x_l, b.t, b.noise, b.text, cfg.exclude_first_frame)
+    e_w, e_l = pair_errors(policy_fn, b.x, b.x_l, b.t, b.noise, b.text, cfg.exclude_first_frame, cfg.hold_first_frame)
     with torch.no_grad(), reference():
-        e_w_ref, e_l_ref = pair_errors(ref_fn, b.x, b.x_l, b.t, b.noise, b.text, cfg.exclude_first_frame)
+        e_w_ref, e_l_ref = pair_errors(ref_fn, b.x, b.x_l, b.t, b.noise, b.text, cfg.exclude_first_frame, cfg.hold_first_frame)
     # 2. the method's loss
     if cfg.method == "flow_dpo":
         out = flow_dpo_loss(e_w, e_l, e_w_ref, e_l_ref, cfg.beta, t=b.t, beta_schedule=cfg.beta_schedule)
@@ -391,9 +402,9 @@ def kto_step_loss(
     videos (None when the batch has none), `inside` the mean of `s_y·β·(g - z)` and the implicit
     accuracy the share of videos where it is > 0 (an exact zero counts ½).
     """
-    e = sample_errors(policy_fn, b.x, b.t, b.noise, b.text, cfg.exclude_first_frame)
+    e = sample_errors(policy_fn, b.x, b.t, b.noise, b.text, cfg)
     with torch.no_grad(), reference():
-        e_ref = sample_errors(ref_fn, b.x, b.t, b.noise, b.text, cfg.exclude_first_frame)
+        e_ref = sample_errors(ref_fn, b.x, b.t, b.noise, b.text, cfg)
     out = kto_loss(e, e_ref, b.desirable, cfg.kto_beta, cfg.kto_lambda_d, cfg.kto_lambda_u)
     sign = torch.where(b.desirable, 1.0, -1.0)
     inside = sign * cfg.kto_beta * (out.reward - out.reference_point)
@@ -412,7 +423,7 @@ def kto_step_loss(
 
 def pointwise_loss(policy_fn: VelocityFn, b: Batch, cfg: PreferenceTrainConfig) -> tuple[torch.Tensor, None, dict]:
     """(loss, None, log record) of the reference-free baselines sft (on `x`, the winners) and rwr."""
-    e = sample_errors(policy_fn, b.x, b.t, b.noise, b.text, cfg.exclude_first_frame)
+    e = sample_errors(policy_fn, b.x, b.t, b.noise, b.text, cfg)
     loss = sft_loss(e) if cfg.method == "sft" else rwr_loss(e, b.rewards, cfg.rwr_tau)
     return loss, None, {"e_w": _mean(e)}
 
@@ -620,7 +631,7 @@ def train_preference(
                     real_rows[mine], t_real[mine], noise_real[mine], real_text_ids[mine]
                 )
             real_text = real_bank.index(real_text_ids).to(device)
-            e_real = sample_errors(policy_fn, real_x[real_rows], t_real, noise_real, real_text, cfg.exclude_first_frame)
+            e_real = sample_errors(policy_fn, real_x[real_rows], t_real, noise_real, real_text, cfg)
         loss = regularised(
             pref, e_winners if has_winners else None, cfg.lambda1 if has_winners else 0.0, e_real, cfg.lambda2
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from models.policy_training import (
     TEXT_ENCODER_DIR,
     TRANSFORMER_DIR,
     BasePolicyTrainConfig,
+    first_frame_mode,
     frame_strip_png,
     judge_samples,
     train_base_policy,
@@ -114,12 +115,19 @@ def full_length(frames: list[np.ndarray], captions: list[str]) -> tuple[list[np.
     return [frames[i] for i in keep], [captions[i] for i in keep], shape
 
 
-def judge_heldout(policy, heldout: list[str], samples: int, spec: WorldSpec, strip_path: Path) -> tuple[dict, Path]:
+def judge_heldout(
+    policy, heldout: list[str], samples: int, spec: WorldSpec, strip_path: Path,
+    first_frames: Mapping[str, Sequence[np.ndarray]] | None = None,
+) -> tuple[dict, Path]:
     """Judge `samples` videos for the held-out prompts (prompt i mod n, seed i) and draw a frame
     strip: one row per held-out prompt, its first two seeds side by side. Returns
-    (`judge_samples`' result, the strip's path)."""
+    (`judge_samples`' result, the strip's path). `first_frames` {prompt: frames} samples the j-th
+    video of a prompt from its frame j mod len (HuViDPO's first-frame conditioning)."""
     prompts = [heldout[i % len(heldout)] for i in range(samples)]
-    judged = judge_samples(policy, prompts, list(range(samples)), spec)
+    given = None
+    if first_frames is not None:
+        given = [first_frames[p][(i // len(heldout)) % len(first_frames[p])] for i, p in enumerate(prompts)]
+    judged = judge_samples(policy, prompts, list(range(samples)), spec, first_frames=given)
     order = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
     picked = [i for i in order if i < 2 * len(heldout)][:12]
     return judged, frame_strip_png([judged["frames"][i] for i in picked], strip_path)
@@ -137,7 +145,8 @@ def bootstrap_policy(
     save_policy_folder(
         policy_dir,
         PolicyConfig(family="wan", transformer=str(policy_dir / TRANSFORMER_DIR), text_encoder=str(policy_dir / TEXT_ENCODER_DIR),
-                     device="auto", frames=n_frames, height=size, width=size),
+                     device="auto", frames=n_frames, height=size, width=size,
+                     first_frame_mode=first_frame_mode(cfg.policy)),
     )
     metrics = {
         "policy_clips": float(len(clips)),

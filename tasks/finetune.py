@@ -322,9 +322,6 @@ def run(
     # 1. pairs and their cached latents
     labels = read_manifest(inputs["labels"].path, "labels", layout).rows()
     gens = read_manifest(inputs["generations"].path, "generations", layout).rows()
-    if any(g["first_frame_path"] for g in gens) and not cfg.train.exclude_first_frame:
-        # HuViDPO: generate held frame 0 at the given frame, so its error says nothing of the preference
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"exclude_first_frame": True})})
     pairs, left_out = preference_pairs(labels, cfg.prefer)
     if cfg.max_pairs is not None:
         pairs = pairs[: cfg.max_pairs]
@@ -339,6 +336,11 @@ def run(
     prompts = [p for p, _, _ in pairs]
     # 2. the round's policy (base + the previous round's LoRA, if any), loaded by the trainer
     policy_cfg, lora, policy_id = policy_from_checkpoints(ckpt_rows, layout, inputs["checkpoints"].path)
+    if any(g["first_frame_path"] for g in gens):
+        # HuViDPO: generate held frame 0 at the given frame, so its error says nothing of the preference;
+        # a policy that holds it clean (first_frame_mode=clean) is trained with it held the same way
+        held = {"exclude_first_frame": True, "hold_first_frame": policy_cfg.first_frame_mode == "clean"}
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=held)})
     if cfg.train.method == "kto":
         data = PreferenceData.pointwise_from_pairs(chosen, rejected, prompts)
     elif cfg.train.method == "rwr":

@@ -59,6 +59,48 @@ def test_first_frame_is_reproduced_exactly_and_the_rest_is_generated(folders):
         pol.sample(PROMPTS, [1, 2], first_frame=np.zeros((2, 8, 8, 3), np.uint8))
 
 
+def test_per_frame_times_reach_each_frames_tokens(folders):
+    pol = policy(folders)
+    x = torch.randn(2, *pol.latent_shape, generator=torch.Generator().manual_seed(0))
+    text = pol.encode_text(PROMPTS)
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        scalar = pol.velocity(x, t, text.embeddings, text.mask)
+        same = pol.velocity(x, t.view(-1, 1).repeat(1, x.shape[2]), text.embeddings, text.mask)
+        frame0_clean = t.view(-1, 1).repeat(1, x.shape[2])
+        frame0_clean[:, 0] = 0.0
+        other = pol.velocity(x, frame0_clean, text.embeddings, text.mask)
+    torch.testing.assert_close(same, scalar, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(other, scalar, atol=1e-4), "frame 0's time reaches the network"
+    with pytest.raises(ValueError, match="per-frame t must be"):
+        pol.velocity(x, torch.zeros(2, 3), text.embeddings, text.mask)
+
+
+def test_clean_first_frame_training_loss_ignores_frame_0_and_sampling_holds_it(folders):
+    pol = policy(folders, first_frame_mode="clean")
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, *pol.latent_shape, generator=gen) * 2 - 1
+    t, noise = torch.tensor([0.4, 0.4]), torch.randn(x0.shape, generator=gen)
+    held = torch.tensor([True, False])
+    with torch.no_grad():
+        e = pol.flow_matching_loss(x0, PROMPTS, t=t, noise=noise, clean_first_frame=held)
+        # frame 0 is given, not predicted: its noise must not enter a held row's input or error
+        moved_noise = noise.clone()
+        moved_noise[:, :, 0] += 1.0
+        e2 = pol.flow_matching_loss(x0, PROMPTS, t=t, noise=moved_noise, clean_first_frame=held)
+        plain = pol.flow_matching_loss(x0, PROMPTS, t=t, noise=noise)
+    assert torch.isclose(e[0], e2[0], atol=1e-6), "a held row's frame 0 noise neither enters x_t nor the error"
+    assert not torch.isclose(e[1], e2[1]), "an unheld row still learns frame 0"
+    torch.testing.assert_close(e[1], plain[1])
+    given = images(2)
+    out = pol.sample(PROMPTS, [1, 2], first_frame=given)
+    np.testing.assert_array_equal(out[:, 0], given)
+    path = policy(folders).sample(PROMPTS, [1, 2], first_frame=given)
+    assert not np.array_equal(out[:, 1:], path[:, 1:]), "clean mode samples differently from the noisy-path hold"
+    with pytest.raises(ValueError, match="only the Wan family"):
+        PolicyConfig(family="cogvideox", transformer="x", text_encoder="y", first_frame_mode="clean")
+
+
 def test_sparse_causal_frame_i_depends_only_on_frames_0_i_minus_1_and_i():
     torch.manual_seed(0)
     frames, tokens, dim = 5, 4, 32
@@ -129,14 +171,18 @@ def test_first_frame_sources_and_generate_shard(folders, tmp_path):
         first_frame_sources_from_file(PROMPTS + ["a green ball"], mapping)
 
 
-@pytest.mark.parametrize("conditioned", [False, True])
-def test_finetune_drops_frame_0_when_generations_were_first_frame_conditioned(tmp_path, monkeypatch, conditioned):
+@pytest.mark.parametrize("conditioned, mode", [(False, "path"), (True, "path"), (True, "clean")])
+def test_finetune_drops_frame_0_when_generations_were_first_frame_conditioned(tmp_path, monkeypatch, conditioned, mode):
     from data_contracts import Lineage, read_manifest, write_manifest
+    from models.policy import load_policy_folder_config, save_policy_folder
     from models.preference_training import PreferenceTrainConfig
     from tasks import finetune
     from tests.test_finetune import tiny_round
 
     layout, inputs = tiny_round(tmp_path, n_pairs=2)
+    folder = layout.stage("bootstrap").files("policy")
+    saved = load_policy_folder_config(folder)
+    save_policy_folder(folder, saved.model_copy(update={"first_frame_mode": mode}))
     if conditioned:
         gens = read_manifest(inputs["generations"].path, "generations", layout).rows()
         png = write_image(layout.stage("generate", round=1).files("first_frames") / "p.png", images(1)[0])
@@ -152,3 +198,5 @@ def test_finetune_drops_frame_0_when_generations_were_first_frame_conditioned(tm
     out.path.mkdir(parents=True)
     finetune.run(inputs, cfg, layout, out, Lineage("finetune", {}, cfg.hash()), round=1)
     assert [t.exclude_first_frame for t in seen] == [conditioned]
+    # a policy that holds a given frame clean is trained with it held that way (frame 0 at t = 0)
+    assert [t.hold_first_frame for t in seen] == [conditioned and mode == "clean"]

@@ -333,6 +333,26 @@ class TestPairErrors:
         torch.testing.assert_close(without_first.e_w, torch.zeros(2), atol=1e-10, rtol=0)
         torch.testing.assert_close(without_first.e_l, torch.zeros(2), atol=1e-10, rtol=0)
 
+    def test_held_first_frame_is_given_clean_at_time_zero(self):
+        """hold_first_frame: frame 0 of x_t is x0's own with its time 0; the later frames are on the path."""
+        g = torch.Generator().manual_seed(2)
+        x_w, x_l, noise = (torch.randn(2, 1, 3, 2, 2, generator=g) for _ in range(3))
+        t = torch.tensor([0.25, 0.5])
+        seen = []
+
+        def velocity_fn(x_t, t_in, cond):
+            seen.append((x_t.clone(), t_in.clone()))
+            return torch.zeros_like(x_t)
+
+        pair_errors(velocity_fn, x_w, x_l, t, noise, cond=None, exclude_first_frame=True, hold_first_frame=True)
+        for (x_t, t_in), x0 in zip(seen, (x_w, x_l), strict=True):
+            torch.testing.assert_close(x_t[:, :, 0], x0[:, :, 0])
+            tb = t.view(-1, 1, 1, 1, 1)
+            torch.testing.assert_close(x_t[:, :, 1:], ((1 - tb) * x0 + tb * noise)[:, :, 1:])
+            torch.testing.assert_close(t_in, torch.tensor([[0.0, 0.25, 0.25], [0.0, 0.5, 0.5]]))
+        with pytest.raises(ValueError, match="set `exclude_first_frame`"):
+            pair_errors(velocity_fn, x_w, x_l, t, noise, cond=None, hold_first_frame=True)
+
     def test_frame_mask_errors_hand_value(self):
         """Frame 0 = 100, frames 1 and 2 = 1: all frames (100+1+1)/3 = 34, frames 1.. = 1."""
         sq = torch.ones(1, 2, 3, 2, 2)

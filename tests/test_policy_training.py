@@ -97,6 +97,22 @@ def test_judge_samples_reports_rates_inside_their_intervals(clips, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_first_frame_training_gives_a_policy_that_holds_a_clean_frame(clips, tmp_path):
+    frames, captions = clips
+    plain, _ = train_base_policy(frames, captions, tmp_path / "plain", BasePolicyTrainConfig(steps=3, **TINY))
+    held, _ = train_base_policy(frames, captions, tmp_path / "held",
+                                BasePolicyTrainConfig(steps=3, first_frame_rate=0.5, **TINY))
+    assert plain.cfg.first_frame_mode == "path" and held.cfg.first_frame_mode == "clean"
+    assert load_policy(tmp_path / "held", first_frame_mode="clean").cfg.first_frame_mode == "clean"
+    w_plain = dict(plain.transformer.named_parameters())
+    assert any(not torch.equal(p, w_plain[n]) for n, p in held.transformer.named_parameters()), \
+        "rows trained with frame 0 held change what is learnt"
+    given = [f[0] for f in frames[:4]]
+    result = judge_samples(held, captions[:4], [0, 1, 2, 3], SPEC, first_frames=given)
+    assert result["frame0_exact"] == 4
+    assert judge_samples(held, captions[:4], [0, 1, 2, 3], SPEC)["frame0_exact"] is None
+
+
 def test_wilson_interval_by_hand():
     """n=10, k=5, z=1.96: centre 0.5, half = 1.96·sqrt(0.025 + 0.0096)/1.384 = 0.2634 → (0.2366, 0.7634)."""
     low, high = wilson_interval(5, 10)

@@ -10,6 +10,7 @@ from models.losses.common import (
     PreferenceLossOutput,
     frame_mask_errors,
     implicit_accuracy,
+    noisy_input,
     pair_errors,
     preference_margin,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "implicit_accuracy",
     "ipo_loss",
     "kto_loss",
+    "noisy_input",
     "mask_prompt",
     "motion_errors",
     "pair_errors",

@@ -105,6 +105,23 @@ def frame_mask_errors(sq_err: torch.Tensor, exclude_first_frame: bool) -> torch.
     return sq_err.flatten(1).mean(1)
 
 
+def noisy_input(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, hold_first_frame: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x_t, t_in)` for the velocity network: `x_t = (1-t)·x0 + t·ε`, t_in = t (B,).
+
+    `hold_first_frame` (a policy trained to continue a given frame, Wan 2.2 TI2V): frame 0 of x_t
+    is x0's own, and t_in is (B, F) with frame 0 at t = 0, as the sampler holds a given frame.
+    """
+    tb = t.view(-1, 1, 1, 1, 1).to(x0.dtype)
+    x_t = (1 - tb) * x0 + tb * noise
+    if not hold_first_frame:
+        return x_t, t
+    x_t[:, :, 0] = x0[:, :, 0]
+    t_in = t.view(-1, 1).repeat(1, x0.shape[2])
+    t_in[:, 0] = 0.0
+    return x_t, t_in
+
+
 def pair_errors(
     velocity_fn: VelocityFn,
     x_w: torch.Tensor,
@@ -113,6 +130,7 @@ def pair_errors(
     noise: torch.Tensor,
     cond: Any,
     exclude_first_frame: bool = False,
+    hold_first_frame: bool = False,
 ) -> PairErrors:
     """Rectified-flow errors of winner and loser with ONE shared t and ONE shared ε per pair.
 
@@ -120,7 +138,8 @@ def pair_errors(
     computed in float32, for x0 = x_w and x0 = x_l with the same t (B,) and ε (B,C,F,H,W):
     sharing them makes Δ compare the two videos rather than two noise draws (VideoAlign,
     arXiv 2501.13918). `cond` is passed to `velocity_fn` unchanged (one prompt per pair).
-    `exclude_first_frame` drops frame 0 from the mean (HuViDPO; see `frame_mask_errors`).
+    `exclude_first_frame` drops frame 0 from the mean (HuViDPO; see `frame_mask_errors`);
+    `hold_first_frame` also gives the network the clean frame 0 at t = 0 (`noisy_input`).
 
     For the reference errors call this again with the reference model's `velocity_fn` under
     `torch.no_grad()`, with the same `t` and `noise`.
@@ -137,12 +156,14 @@ def pair_errors(
             f"`t` must lie in [0, 1] (t=1 pure noise, t=0 data); got min {float(t.min())}, max {float(t.max())}"
         )
 
+    if hold_first_frame and not exclude_first_frame:
+        raise ValueError("`hold_first_frame` gives frame 0 as input, so its error says nothing: set `exclude_first_frame`")
+
     # 2. interpolate each video with the shared t and ε, and regress the velocity
-    tb = t.view(-1, 1, 1, 1, 1).to(x_w.dtype)
     errors = []
     for name, x0 in (("winner", x_w), ("loser", x_l)):
-        x_t = (1 - tb) * x0 + tb * noise
-        velocity = velocity_fn(x_t, t, cond)
+        x_t, t_in = noisy_input(x0, t, noise, hold_first_frame)
+        velocity = velocity_fn(x_t, t_in, cond)
         if velocity.shape != x0.shape:
             raise ValueError(
                 f"`velocity_fn` returned shape {tuple(velocity.shape)} for the {name} of shape {tuple(x0.shape)}; "
