@@ -33,6 +33,7 @@ import sys
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
+import re  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -140,6 +141,9 @@ def main() -> None:
     ap.add_argument("--world-pairs", type=int, default=1000,
                     help="also guide with reward models trained on this many annotator-labelled world pairs (0: off)")
     ap.add_argument("--world-steps", type=int, default=600, help="optimizer steps of those reward models")
+    ap.add_argument("--only", default=None,
+                    help="a regular expression: run only the rows whose name it matches (re.search), e.g. "
+                    "'^(plain|MQ [12] \\(clean)'; default: every row")
     ap.add_argument("--out", default=None, help="folder for the noisy-latent reward model, reused when present "
                     "(default: a new temporary folder, so it is trained anew, ~20 s)")
     args = ap.parse_args()
@@ -183,6 +187,10 @@ def main() -> None:
         ("first frame + MQ 1 (clean)", base, lambda: guide("VQ:MQ:TA=0:1:0", clean_folder), True),
         ("first frame + sparse-causal attn", sparse, None, True),
     ]
+    if args.only:
+        settings = [row for row in settings if re.search(args.only, row[0])]
+        if not settings:
+            raise SystemExit(f"guidance benchmark: --only {args.only!r} names no row")
     print(f"{len(prompts)} held-out prompts × {args.seeds} seeds = {len(pairs)} samples per setting; scale w = "
           f"{args.scale}, clip {args.max_ratio}·‖v‖; reward model {clean_folder}", flush=True)
     header = ("| setting | plausible [95% CI] | caption agreement [95% CI] | z VQ / MQ / TA (clean RM) | clipped | "

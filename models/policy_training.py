@@ -74,10 +74,11 @@ class BasePolicyTrainConfig(BaseModel):
         0.1, ge=0, lt=1, description="share of clips trained on the empty prompt, so CFG's unconditional branch is learnt (SD/Wan's 0.1)"
     )
     first_frame_rate: float = Field(
-        0.0, ge=0, lt=1,
+        0.25, ge=0, lt=1,
         description="share of clips trained to continue their own frame 0 (Wan 2.2 TI2V: frame 0 clean, its tokens at "
         "t = 0, out of the loss), so the policy samples from a given first frame (`first_frame_mode=clean`); 0: "
-        "text-to-video only",
+        "text-to-video only. 0.25 also made unconditioned samples more plausible at 1,800 steps (47.3% vs 32.4%, "
+        "38.7% vs 33.2% over two seeds; README, first-frame conditioning)",
     )
     seed: int = Field(0, description="seeds the initial weights, the batch order, t and ε")
     time_budget_s: float | None = Field(

@@ -99,7 +99,8 @@ def test_judge_samples_reports_rates_inside_their_intervals(clips, tmp_path):
 
 def test_first_frame_training_gives_a_policy_that_holds_a_clean_frame(clips, tmp_path):
     frames, captions = clips
-    plain, _ = train_base_policy(frames, captions, tmp_path / "plain", BasePolicyTrainConfig(steps=3, **TINY))
+    plain, _ = train_base_policy(frames, captions, tmp_path / "plain",
+                                 BasePolicyTrainConfig(steps=3, first_frame_rate=0.0, **TINY))
     held, _ = train_base_policy(frames, captions, tmp_path / "held",
                                 BasePolicyTrainConfig(steps=3, first_frame_rate=0.5, **TINY))
     assert plain.cfg.first_frame_mode == "path" and held.cfg.first_frame_mode == "clean"
