@@ -53,7 +53,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="prefloop-bench-"))
     try:
         cfg = resolve_config(
-            overrides=[f"ingest.world.num_clips={args.clips}", "bootstrap.clip.steps=5", "bootstrap.clip.batch_size=16"]
+            overrides=[f"ingest.world.num_clips={args.clips}", "bootstrap.clip.steps=5", "bootstrap.clip.batch_size=16",
+                       "bootstrap.train_policy=false"]
         )
         layout = cfg.layout(tmp / "runs", "bench")
         layout.run_dir.mkdir(parents=True)
