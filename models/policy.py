@@ -56,6 +56,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from data_contracts.lineage import atomic_write_bytes
+from models.losses.common import held_frame_times
 from models.text_encoder import TextEmbeddings, TextEncoder, load_text_encoder
 
 if TYPE_CHECKING:
@@ -524,9 +525,7 @@ class Policy:
         held = None if clean_first_frame is None else clean_first_frame.to(self.device, torch.bool)
         if held is not None and bool(held.any()):
             x_t[:, :, 0] = torch.where(held.view(-1, 1, 1, 1), x0[:, :, 0], x_t[:, :, 0])
-            t_frames = t.view(-1, 1).expand(batch, x0.shape[2]).clone()
-            t_frames[:, 0] = torch.where(held, 0.0, t)
-            pred = self.velocity(x_t, t_frames, text.embeddings, text.mask)
+            pred = self.velocity(x_t, held_frame_times(t, x0.shape[2], held), text.embeddings, text.mask)
         else:
             pred = self.velocity(x_t, t, text.embeddings, text.mask)
         sq_err = (pred.float() - (noise - x0).float()).pow(2)
@@ -563,9 +562,9 @@ class Policy:
 
         `first_frame` (uint8 (B, H, W, 3), HuViDPO): latent frame 0 is held on the path of the given
         frame: at every step frame 0 of x_t is replaced by `(1-t)·x0_f + t·ε_0` (ε_0 the seed's noise
-        of frame 0) — or, with `first_frame_mode=clean`, by x0_f itself with its tokens at t = 0 (Wan
-        2.2 TI2V, for a policy trained so) — and the end point's frame 0 is x0_f itself (`encode_first_frame` says what that
-        reproduces). `reward_guidance` (Flow-NRG, models/reward_guidance.py): after CFG,
+        of frame 0) — or, with `first_frame_mode=clean`, by x0_f itself with its tokens at t = 0
+        (Wan 2.2 TI2V, for a policy trained so) — and the end point's frame 0 is x0_f itself
+        (`encode_first_frame` says what that reproduces). `reward_guidance` (Flow-NRG, models/reward_guidance.py): after CFG,
         `ṽ = v - w·t/(1-t)·∇_x r(x_t, y, t)` at every step but t = 1.
         """
         # 1. check inputs
@@ -603,8 +602,7 @@ class Policy:
             xin = torch.cat([x, x]) if guidance != 1.0 else x
             t_in = t.expand(xin.shape[0])
             if clean:  # frame 0's tokens are told they are clean (t = 0), as the policy was trained
-                t_in = t_in.view(-1, 1).repeat(1, xin.shape[2])
-                t_in[:, 0] = 0.0
+                t_in = held_frame_times(t_in, xin.shape[2])
             v = self.velocity(xin, t_in, text.embeddings, text.mask).float()
             if guidance != 1.0:
                 v_cond, v_uncond = v.chunk(2)

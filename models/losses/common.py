@@ -105,6 +105,14 @@ def frame_mask_errors(sq_err: torch.Tensor, exclude_first_frame: bool) -> torch.
     return sq_err.flatten(1).mean(1)
 
 
+def held_frame_times(t: torch.Tensor, frames: int, held: torch.Tensor | bool = True) -> torch.Tensor:
+    """Per-frame times (B, F) for one time per video t (B,): frame 0 at t = 0 in the rows `held`
+    marks (all rows for True), as a clean given first frame is presented (Wan 2.2 TI2V)."""
+    times = t.reshape(-1, 1).repeat(1, frames)
+    times[:, 0] = torch.where(torch.as_tensor(held, device=t.device), torch.zeros_like(times[:, 0]), times[:, 0])
+    return times
+
+
 def noisy_input(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, hold_first_frame: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(x_t, t_in)` for the velocity network: `x_t = (1-t)·x0 + t·ε`, t_in = t (B,).
@@ -117,9 +125,7 @@ def noisy_input(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, hold_fir
     if not hold_first_frame:
         return x_t, t
     x_t[:, :, 0] = x0[:, :, 0]
-    t_in = t.view(-1, 1).repeat(1, x0.shape[2])
-    t_in[:, 0] = 0.0
-    return x_t, t_in
+    return x_t, held_frame_times(t, x0.shape[2])
 
 
 def pair_errors(
