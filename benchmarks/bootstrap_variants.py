@@ -36,23 +36,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def heldout_first_frames(videos: list[dict], layout, shape: tuple[int, ...]) -> dict[str, list[np.ndarray]]:
-    """{held-out caption: frame 0 of each of its usable held-out clips of the policy's shape, by video_id}."""
-    from tasks.video_io import read_video
-
-    frames: dict[str, list[np.ndarray]] = {}
-    for r in sorted(videos, key=lambda r: r["video_id"]):
-        if r["split"] != "heldout" or not r["caption"] or r["reason"] is not None:
-            continue
-        clip = read_video(layout.resolve(r["video_path"]), max_frames=1)
-        if clip.shape[1:] == shape[1:]:
-            frames.setdefault(r["caption"], []).append(clip[0])
-    return frames
 
 
 def main() -> None:
@@ -74,7 +58,7 @@ def main() -> None:
     from flows.config import resolve_config
     from models.physics_world import WorldSpec
     from models.policy_training import BasePolicyTrainConfig, first_frame_mode, load_policy, train_base_policy
-    from tasks.bootstrap import full_length, judge_heldout, training_rows
+    from tasks.bootstrap import full_length, heldout_first_frames, judge_heldout, training_rows
     from tasks.video_io import read_video
 
     run_dir = args.runs_root / args.run
@@ -101,7 +85,7 @@ def main() -> None:
         "final_loss": round(info.get("final_loss", float("nan")), 4), "reused": not info,
     }
     spec_world = WorldSpec(size=shape[1], frames=shape[0])
-    first = heldout_first_frames(videos, layout, shape) if with_first_frame else None
+    first = heldout_first_frames(videos, layout, shape[1:3]) if with_first_frame else None
     for g in guidances:
         policy.cfg = policy.cfg.model_copy(update={"guidance_scale": float(g)})
         for label, frames in (("", None), ("_first_frame", first)) if first else (("", None),):

@@ -46,10 +46,10 @@ from models.policy import Policy  # noqa: E402
 from models.policy_training import wilson_interval  # noqa: E402
 from models.reward_guidance import RewardGuidance, RewardGuidanceConfig, parse_weights  # noqa: E402
 from models.reward_model import RewardModel  # noqa: E402
+from tasks.bootstrap import heldout_first_frames  # noqa: E402
 from tasks.evaluate import build_judge  # noqa: E402
 from tasks.generate import policy_fps, sample_seed  # noqa: E402
 from tasks.sample import latest_stage_manifest, run_policy, run_reward_model  # noqa: E402
-from tasks.video_io import read_video  # noqa: E402
 
 PROMPTS = 6
 
@@ -58,22 +58,11 @@ def heldout_prompts_and_frames(layout: RunLayout, count: int, size: tuple[int, i
     """The first `count` held-out captions (sorted) that have a readable real clip of the policy's
     size, and frame 0 of the first such clip (by video_id) for each."""
     rows = read_manifest(str(layout.stage("ingest").manifest_path), "videos", layout).rows()
-    rows = sorted((r for r in rows if r["split"] == "heldout" and r["caption"] and r["reason"] is None),
-                  key=lambda r: (r["caption"], r["video_id"]))
-    prompts, frames = [], []
-    for r in rows:
-        if r["caption"] in prompts or len(prompts) == count:
-            continue
-        try:
-            clip = read_video(layout.resolve(r["video_path"]), max_frames=1)
-        except ValueError:  # a damaged clip (ingest keeps a hostile corpus): the next one of the caption
-            continue
-        if clip.shape[1:3] == size:
-            prompts.append(r["caption"])
-            frames.append(clip[0])
+    frames = heldout_first_frames(rows, layout, size)
+    prompts = sorted(frames)[:count]
     if len(prompts) < count:
         raise SystemExit(f"guidance benchmark: only {len(prompts)} held-out captions with a {size} clip; need {count}")
-    return prompts, frames
+    return prompts, [frames[p][0] for p in prompts]
 
 
 def noisy_reward_model(layout: RunLayout, clean_folder: str, out: Path) -> str:

@@ -56,7 +56,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from data_contracts.lineage import atomic_write_bytes
-from models.losses.common import held_frame_times
+from models.losses.common import held_frame_times, noisy_input
 from models.text_encoder import TextEmbeddings, TextEncoder, load_text_encoder
 
 if TYPE_CHECKING:
@@ -518,18 +518,14 @@ class Policy:
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=torch.float32).to(self.device, self.dtype)
         t = t.to(self.device, torch.float32)
-        # 2. interpolate and regress the velocity
-        tb = t.view(-1, 1, 1, 1, 1).to(self.dtype)
-        x_t = (1 - tb) * x0 + tb * noise
+        # 2. interpolate (frame 0 held clean in the marked rows) and regress the velocity
+        held = torch.zeros(batch, dtype=torch.bool) if clean_first_frame is None else clean_first_frame
+        held = held.to(self.device, torch.bool)
+        x_t, t_in = noisy_input(x0, t, noise, held)
         text = self._as_text(text)
-        held = None if clean_first_frame is None else clean_first_frame.to(self.device, torch.bool)
-        if held is not None and bool(held.any()):
-            x_t[:, :, 0] = torch.where(held.view(-1, 1, 1, 1), x0[:, :, 0], x_t[:, :, 0])
-            pred = self.velocity(x_t, held_frame_times(t, x0.shape[2], held), text.embeddings, text.mask)
-        else:
-            pred = self.velocity(x_t, t, text.embeddings, text.mask)
+        pred = self.velocity(x_t, t_in, text.embeddings, text.mask)
         sq_err = (pred.float() - (noise - x0).float()).pow(2)
-        if held is None or not bool(held.any()):
+        if not bool(held.any()):
             return sq_err.flatten(1).mean(1)
         return torch.where(held, sq_err[:, :, 1:].flatten(1).mean(1), sq_err.flatten(1).mean(1))
 

@@ -115,6 +115,22 @@ def full_length(frames: list[np.ndarray], captions: list[str]) -> tuple[list[np.
     return [frames[i] for i in keep], [captions[i] for i in keep], shape
 
 
+def heldout_first_frames(videos: Sequence[Mapping], layout: RunLayout, size: tuple[int, int]) -> dict[str, list[np.ndarray]]:
+    """{held-out caption: frame 0 of each of its usable held-out clips whose frames are `size` (H, W), by
+    video_id}; a clip that does not decode (ingest keeps a hostile corpus) is skipped."""
+    frames: dict[str, list[np.ndarray]] = {}
+    for r in sorted(videos, key=lambda r: r["video_id"]):
+        if r["split"] != "heldout" or not r["caption"] or r["reason"] is not None:
+            continue
+        try:
+            clip = read_video(layout.resolve(r["video_path"]), max_frames=1)
+        except ValueError:
+            continue
+        if clip.shape[1:3] == tuple(size):
+            frames.setdefault(r["caption"], []).append(clip[0])
+    return frames
+
+
 def judge_heldout(
     policy, heldout: list[str], samples: int, spec: WorldSpec, strip_path: Path,
     first_frames: Mapping[str, Sequence[np.ndarray]] | None = None,

@@ -113,19 +113,21 @@ def held_frame_times(t: torch.Tensor, frames: int, held: torch.Tensor | bool = T
     return times
 
 
-def noisy_input(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, hold_first_frame: bool = False
+def noisy_input(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, hold_first_frame: torch.Tensor | bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(x_t, t_in)` for the velocity network: `x_t = (1-t)·x0 + t·ε`, t_in = t (B,).
 
-    `hold_first_frame` (a policy trained to continue a given frame, Wan 2.2 TI2V): frame 0 of x_t
-    is x0's own, and t_in is (B, F) with frame 0 at t = 0, as the sampler holds a given frame.
+    `hold_first_frame` (a policy trained to continue a given frame, Wan 2.2 TI2V; True for every
+    row or a (B,) bool mask): frame 0 of a held row's x_t is x0's own, and t_in is (B, F) with that
+    row's frame 0 at t = 0, as the sampler holds a given frame.
     """
     tb = t.view(-1, 1, 1, 1, 1).to(x0.dtype)
     x_t = (1 - tb) * x0 + tb * noise
-    if not hold_first_frame:
+    held = torch.as_tensor(hold_first_frame, device=x0.device)
+    if not bool(held.any()):
         return x_t, t
-    x_t[:, :, 0] = x0[:, :, 0]
-    return x_t, held_frame_times(t, x0.shape[2])
+    x_t[:, :, 0] = torch.where(held.view(-1, 1, 1, 1), x0[:, :, 0], x_t[:, :, 0])
+    return x_t, held_frame_times(t, x0.shape[2], held)
 
 
 def pair_errors(
