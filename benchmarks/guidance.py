@@ -119,11 +119,22 @@ def world_reward_models(layout: RunLayout, pairs: int, steps: int, out: Path, se
     return str(folders[0]), str(folders[1])
 
 
+def paired_delta(flags: list[bool], plain: list[bool]) -> str:
+    """Difference in plausibility from plain on the same (prompt, seed) pairs, in points, with a
+    normal 95 % interval of the mean paired difference (each pair's difference is −1, 0 or 1)."""
+    d = np.asarray(flags, float) - np.asarray(plain, float)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return f"{100 * d.mean():+.1f} [{100 * (d.mean() - half):+.1f}, {100 * (d.mean() + half):+.1f}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="demo")
     ap.add_argument("--runs-root", default="runs")
     ap.add_argument("--seeds", type=int, default=16, help="seeds per prompt (6 prompts; 16 give 96 samples)")
+    ap.add_argument("--seed-offset", type=int, default=0,
+                    help="first seed index k (sample seed = hash(0, 0, prompt, k)): a fresh offset re-tests a setting "
+                    "on samples it was not chosen on")
     ap.add_argument("--scale", type=float, default=20.0, help="guidance scale w for every guided row")
     ap.add_argument("--max-ratio", type=float, default=1.0, help="clip of each correction, in multiples of ‖v‖")
     ap.add_argument("--batch", type=int, default=24)
@@ -147,7 +158,8 @@ def main() -> None:
     fps = policy_fps(policy_cfg)
     judge = build_judge(policy_cfg)
     prompts, first = heldout_prompts_and_frames(layout, PROMPTS, (policy_cfg.height, policy_cfg.width))
-    pairs = [(p, sample_seed(0, 0, p, k), first[i]) for k in range(args.seeds) for i, p in enumerate(prompts)]
+    pairs = [(p, sample_seed(0, 0, p, k), first[i])
+             for k in range(args.seed_offset, args.seed_offset + args.seeds) for i, p in enumerate(prompts)]
     clean_folder = run_reward_model(layout)
     scorer = RewardModel.from_pretrained(clean_folder, device="cpu")
     noisy_folder = noisy_reward_model(layout, clean_folder, out)
@@ -182,9 +194,10 @@ def main() -> None:
             raise SystemExit(f"guidance benchmark: --only {args.only!r} names no row")
     print(f"{len(prompts)} held-out prompts × {args.seeds} seeds = {len(pairs)} samples per setting; scale w = "
           f"{args.scale}, clip {args.max_ratio}·‖v‖; reward model {clean_folder}", flush=True)
-    header = ("| setting | plausible [95% CI] | caption agreement [95% CI] | z VQ / MQ / TA (clean RM) | clipped | "
-              "frame 0 exact | s |")
-    lines = [header, "|" + "---|" * 7]
+    header = ("| setting | plausible [95% CI] | Δ vs plain, paired [95% CI] | caption agreement [95% CI] | "
+              "z VQ / MQ / TA (clean RM) | clipped | frame 0 exact | s |")
+    lines = [header, "|" + "---|" * 8]
+    plain_flags: list[bool] | None = None
     for name, pol, make, conditioned in settings:
         t0 = time.perf_counter()
         steer = make() if make else None
@@ -206,10 +219,13 @@ def main() -> None:
         for flags in (plaus, agree):
             lo, hi = wilson_interval(sum(flags), n)
             cells.append(f"{sum(flags) / n:.3f} [{lo:.3f}, {hi:.3f}]")
+        if name.startswith("plain"):
+            plain_flags = plaus
+        delta = "-" if plain_flags is None or conditioned or name.startswith("plain") else paired_delta(plaus, plain_flags)
         z = np.concatenate(zs).mean(0)
         clipped = "-" if steer is None else f"{steer.stats['clipped']}/{steer.stats['corrections']}"
         ex = "-" if not conditioned else f"{sum(exact)}/{n}"
-        line = (f"| {name} | {cells[0]} | {cells[1]} | {z[0]:+.2f} / {z[1]:+.2f} / {z[2]:+.2f} | {clipped} | {ex} | "
+        line = (f"| {name} | {cells[0]} | {delta} | {cells[1]} | {z[0]:+.2f} / {z[1]:+.2f} / {z[2]:+.2f} | {clipped} | {ex} | "
                 f"{time.perf_counter() - t0:.0f} |")
         lines.append(line)
         print(line, flush=True)

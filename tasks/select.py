@@ -200,11 +200,11 @@ class ScoringSetup:
     vlm_model: str | None = None
 
 
-def frame_scores_batch(batch: dict[str, np.ndarray], setup: ScoringSetup) -> dict[str, np.ndarray]:
+def frame_scores_batch(batch: dict[str, np.ndarray], setup: ScoringSetup, keep_frames: bool = True) -> dict[str, np.ndarray]:
     """Ray Data task: decode each video once and compute its frame scores and physics verdict.
 
-    Returns the frames the CLIP actor needs (`frames`) so it does not decode again; a video that
-    fails to decode gets an `error` and empty frames.
+    With `keep_frames`, returns the frames the model actors need (`frames`) so they do not decode
+    again; a video that fails to decode gets an `error` and empty frames.
     """
     from tasks.video_io import VideoReadError, read_video
 
@@ -235,7 +235,8 @@ def frame_scores_batch(batch: dict[str, np.ndarray], setup: ScoringSetup) -> dic
         for k in SCORE_COLUMNS:
             out[k].append(np.nan if scores[k] is None else float(scores[k]))
     result = {k: np.asarray(v) for k, v in out.items() if k != "frames"}
-    result["frames"] = _object_array(out["frames"])
+    if keep_frames:
+        result["frames"] = _object_array(out["frames"])
     return result
 
 
@@ -261,12 +262,16 @@ def _judge(setup: ScoringSetup):
 
 
 class ClipScorer:
-    """Ray Data actor: one open_clip model, loaded once, scoring frame–caption similarity."""
+    """Ray Data actor: one open_clip model, loaded once, scoring frame–caption similarity.
 
-    def __init__(self, setup: ScoringSetup):
+    The last model actor of the pipeline drops the frames (`drop_frames`): nothing after it needs
+    them, and a separate operator for that cost a Ray task per batch."""
+
+    def __init__(self, setup: ScoringSetup, drop_frames: bool = False):
         from models.clip_model import load_clip
 
         self.clip = load_clip(setup.clip_name, setup.clip_pretrained, device=setup.clip_device, dtype=setup.clip_dtype)
+        self.drop_frames = drop_frames
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = [i for i, e in enumerate(batch["error"]) if not e and len(batch["frames"][i])]
@@ -275,7 +280,7 @@ class ClipScorer:
             frames = [batch["frames"][i] for i in ok]
             captions = [str(batch["text"][i]) for i in ok]
             sims[ok] = self.clip.similarity(frames, captions, fps=float(batch["fps"][ok[0]]))
-        return {**batch, "clip": sims}
+        return _without_frames({**batch, "clip": sims}, self.drop_frames)
 
 
 class VLMPhysicsScorer:
@@ -283,10 +288,11 @@ class VLMPhysicsScorer:
 
     An answer the strict parser cannot read leaves the score empty (`physics_unreadable`)."""
 
-    def __init__(self, setup: ScoringSetup):
+    def __init__(self, setup: ScoringSetup, drop_frames: bool = False):
         from models.vlm import VLMConfig, VLMCritic
 
         self.critic = VLMCritic(VLMConfig(model=setup.vlm_model))
+        self.drop_frames = drop_frames
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = [i for i, e in enumerate(batch["error"]) if not e and len(batch["frames"][i])]
@@ -297,7 +303,7 @@ class VLMPhysicsScorer:
             )
             for i, (score, _raw) in zip(ok, answers, strict=True):
                 physics[i] = np.nan if score is None else score
-        return {**batch, "physics": physics}
+        return _without_frames({**batch, "physics": physics}, self.drop_frames)
 
 
 def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, address: str | None) -> list[dict]:
@@ -319,28 +325,26 @@ def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, addr
         # Each task runs one thread; its logical CPU share is what is left beside the CLIP actors,
         # so that `workers` tasks really run at once (1 CPU each plus 0.25 for an actor does not
         # fit twice on 2 cores, and Ray would quietly run one task at a time).
-        model_pools = (setup.clip_name is not None) + (setup.physics == "vlm")
+        models = [actor for actor, wanted in ((ClipScorer, setup.clip_name is not None), (VLMPhysicsScorer, setup.physics == "vlm")) if wanted]
+        model_pools = len(models)
         actor_cpus = res.num_cpus * res.actors * model_pools
         task_cpus = min(1.0, max(0.05, (ray.cluster_resources().get("CPU", 1.0) - actor_cpus) / cfg.workers))
         ds = ds.map_batches(
             frame_scores_batch,
-            fn_kwargs={"setup": setup},
+            fn_kwargs={"setup": setup, "keep_frames": bool(models)},
             batch_size=res.batch_size,
             concurrency=cfg.workers,
             num_cpus=task_cpus,
         )
-        models = [(ClipScorer, setup.clip_name is not None), (VLMPhysicsScorer, setup.physics == "vlm")]
-        for actor, wanted in models:
-            if wanted:
-                ds = ds.map_batches(
-                    actor,
-                    fn_constructor_kwargs={"setup": setup},
-                    batch_size=res.batch_size,
-                    compute=ray.data.ActorPoolStrategy(size=res.actors),
-                    num_cpus=res.num_cpus,
-                    num_gpus=res.num_gpus,
-                )
-        ds = ds.map_batches(_drop_frames, batch_size=res.batch_size)
+        for i, actor in enumerate(models):
+            ds = ds.map_batches(
+                actor,
+                fn_constructor_kwargs={"setup": setup, "drop_frames": i == len(models) - 1},
+                batch_size=res.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=res.actors),
+                num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus,
+            )
         return [_plain(r) for r in ds.take_all()]
 
 
@@ -360,8 +364,8 @@ def _no_op_reservation():
         ctx.op_resource_reservation_enabled = saved
 
 
-def _drop_frames(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: v for k, v in batch.items() if k != "frames"}
+def _without_frames(batch: dict[str, np.ndarray], drop: bool) -> dict[str, np.ndarray]:
+    return {k: v for k, v in batch.items() if k != "frames"} if drop else batch
 
 
 def _plain(row: Mapping[str, Any]) -> dict[str, Any]:
