@@ -7,6 +7,7 @@ from data_contracts.errors import ContractError
 from data_contracts.layout import (
     ROUND_STAGES,
     STAGES,
+    RealRoots,
     RunLayout,
     StageDir,
     check_run_name,
@@ -37,6 +38,7 @@ __all__ = [
     "Lineage",
     "Manifest",
     "ManifestRef",
+    "RealRoots",
     "RunLayout",
     "StageDir",
     "cache_key",

@@ -155,11 +155,33 @@ def server_state_dir(runs_root: Path) -> Path:
     return Path(runs_root).absolute() / ".prefect"
 
 
-def inside_roots(path: Path, roots: tuple[Path, ...] | list[Path]) -> bool:
-    """Whether `path`, with symlinks and `..` resolved, lies inside one of `roots`."""
-    real = Path(os.path.realpath(path))
-    for root in roots:
-        r = Path(os.path.realpath(root))
-        if real == r or r in real.parents:
-            return True
-    return False
+def inside_roots(path: Path, roots: tuple[Path, ...] | list[Path] | RealRoots) -> bool:
+    """Whether `path`, with symlinks and `..` resolved, lies inside one of `roots`.
+
+    For many paths, pass one `RealRoots(roots)`: it resolves the roots once and each folder once
+    (per row, that resolving cost 2.4 s of a 3.3 s select bookkeeping pass over 8,000 clips)."""
+    return (roots if isinstance(roots, RealRoots) else RealRoots(roots)).contains(path)
+
+
+class RealRoots:
+    """Data roots with their symlinks and `..` resolved once, for checking many paths."""
+
+    def __init__(self, roots: tuple[Path, ...] | list[Path]):
+        self.paths = tuple(os.path.realpath(r) for r in roots)
+        self._folders: dict[str, str] = {}
+
+    def realpath(self, path: Path | str) -> str:
+        """`os.path.realpath(path)`, resolving each folder once: a file that is itself a
+        symlink (or a name like `..`) is resolved in full."""
+        path = os.fspath(path)
+        # not os.path.abspath: it would fold `link/..` by name, where the file system follows the link
+        folder, name = os.path.split(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
+        if name in ("", ".", "..") or os.path.islink(path):
+            return os.path.realpath(path)
+        if folder not in self._folders:
+            self._folders[folder] = os.path.realpath(folder)
+        return os.path.join(self._folders[folder], name)
+
+    def contains(self, path: Path | str) -> bool:
+        real = self.realpath(path)
+        return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self.paths)

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_contracts.errors import ContractError
-from data_contracts.layout import RunLayout, StageDir, inside_roots
+from data_contracts.layout import RealRoots, RunLayout, StageDir, inside_roots
 from data_contracts.lineage import Lineage, atomic_write_bytes, atomic_write_json, table_hash
 from data_contracts.schemas import Contract, contract
 
@@ -173,6 +173,7 @@ def _check_values(table: pa.Table, c: Contract, path: Path) -> None:
 
 
 def _check_paths(table: pa.Table, c: Contract, path: Path, layout: RunLayout) -> None:
+    roots = RealRoots(layout.data_roots)
     for name, rule in c.paths.items():
         values = table.column(name).to_pylist()
         excuses = table.column(rule.required_unless).to_pylist() if rule.required_unless else [None] * len(values)
@@ -184,7 +185,7 @@ def _check_paths(table: pa.Table, c: Contract, path: Path, layout: RunLayout) ->
             target = layout.resolve(stored)
             if rule.outside_reason is not None and excuse == rule.outside_reason:
                 continue
-            if not inside_roots(target, layout.data_roots):
+            if not inside_roots(target, roots):
                 roots = ", ".join(f"`{r}`" for r in layout.data_roots)
                 raise ContractError(
                     path,

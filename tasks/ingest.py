@@ -29,7 +29,16 @@ import pyarrow.json
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from data_contracts import ContractError, Lineage, ManifestRef, RunLayout, StageDir, inside_roots, write_manifest
+from data_contracts import (
+    ContractError,
+    Lineage,
+    ManifestRef,
+    RealRoots,
+    RunLayout,
+    StageDir,
+    inside_roots,
+    write_manifest,
+)
 from tasks.common import StageConfig, StageResult
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -317,7 +326,8 @@ def ingest_files(cfg: IngestConfig, layout: RunLayout) -> list[dict[str, Any]]:
 
     is_listing = Path(cfg.source).is_file()
     entries = listing_entries(cfg) if is_listing else folder_entries(cfg, layout.data_roots)
-    inside = [inside_roots(file, layout.data_roots) for _, file, _ in entries]
+    real_roots = RealRoots(layout.data_roots)
+    inside = [inside_roots(file, real_roots) for _, file, _ in entries]
     probed = iter(_probe_all([f for (_, f, _), ok in zip(entries, inside, strict=True) if ok], cfg.workers))
     outside = VideoProbe(False, "outside_data_roots", None, None, None, None, None)
     ids = unique_ids([vid for vid, _, _ in entries])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -133,6 +135,34 @@ def test_symlink_out_of_the_root_is_refused(layout, tmp_path):
     with pytest.raises(ContractError) as err:
         _write(layout, rows)
     assert err.value.row == 0 and err.value.column == "video_path"
+
+
+def test_real_roots_resolve_every_path_as_the_file_system_does(tmp_path, monkeypatch):
+    """RealRoots resolves each folder once; it must still agree with os.path.realpath where a name
+    alone would mislead: a folder symlink followed by `..`, a file that is a symlink, `..` last."""
+    from data_contracts import RealRoots, inside_roots
+
+    root, other = tmp_path / "root", tmp_path / "other"
+    (root / "sub").mkdir(parents=True)
+    (other / "deep").mkdir(parents=True)
+    (root / "out").symlink_to(other / "deep")
+    (root / "sub" / "file.mp4").write_bytes(b"x")
+    (root / "sub" / "leak.mp4").symlink_to(other / "deep")
+    monkeypatch.chdir(root)
+    roots = RealRoots([root])
+    cases = {
+        root / "sub" / "file.mp4": True,
+        root / "sub" / ".." / "sub" / "file.mp4": True,
+        root / "out" / ".." / "x.mp4": False,  # by name inside the root; by the file system in `other`
+        root / "sub" / "leak.mp4": False,
+        root / "sub" / "..": True,
+        root / "..": False,
+        Path("sub/file.mp4"): True,
+        Path("out/x.mp4"): False,
+    }
+    for path, inside in cases.items():
+        assert roots.realpath(path) == os.path.realpath(path), path
+        assert roots.contains(path) is inside and inside_roots(path, [root]) is inside, path
 
 
 def test_missing_file_nulls_allowed_values_and_duplicates_are_refused(layout):
