@@ -1,6 +1,6 @@
 """Throughput of the `select` stage against decoding alone, and its scaling from 1 to 2 workers.
 
-    .venv/bin/python benchmarks/select.py [--clips 2000]
+    .venv/bin/python benchmarks/select.py [--clips 2000] [--set select.batch_size=128 ...]
 
 Builds an embedded world in a temporary folder (ingest, and a CLIP trained for a few steps —
 its quality does not change the speed), starts one local Ray, then times on the same files:
@@ -40,6 +40,8 @@ def decode_batch(batch):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=2000)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the run, as `prefloop --set` (e.g. select.batch_size=128)")
     args = parser.parse_args()
 
     import ray
@@ -54,7 +56,7 @@ def main() -> None:
     try:
         cfg = resolve_config(
             overrides=[f"ingest.world.num_clips={args.clips}", "bootstrap.clip.steps=5", "bootstrap.clip.batch_size=16",
-                       "bootstrap.train_policy=false"]
+                       "bootstrap.train_policy=false", *args.set]
         )
         layout = cfg.layout(tmp / "runs", "bench")
         layout.run_dir.mkdir(parents=True)
