@@ -66,13 +66,14 @@ def main() -> None:
         rows = [r for r in read_manifest(videos.path, "videos", layout).rows() if r["reason"] is None]
         items = [{"path": str(layout.resolve(r["video_path"]))} for r in rows]
         total = len(read_manifest(videos.path, "videos", layout))
+        batch = cfg.select.batch_size or select.auto_batch_size(len(items), 2)
 
         t0 = time.perf_counter()
         with ray_session(num_cpus=2):
             startup = time.perf_counter() - t0
             # 1. decode only, same pipeline shape
             t0 = time.perf_counter()
-            ds = ray.data.from_items(items).map_batches(decode_batch, batch_size=cfg.select.batch_size, concurrency=2)
+            ds = ray.data.from_items(items).map_batches(decode_batch, batch_size=batch, concurrency=2)
             decoded = sum(int(b["frames"].shape[0]) for b in ds.iter_batches(batch_size=None))
             decode_rate = decoded / (time.perf_counter() - t0)
             # 2. the whole stage, 1 worker then 2 (a fresh folder each time: no score cache), after
@@ -87,6 +88,7 @@ def main() -> None:
                 rates[workers] = total / (time.perf_counter() - t0)
         print(f"videos: {total} ({len(items)} decodable), {cfg.ingest.world.size}px x {cfg.ingest.world.frames} frames")
         print(f"ray start-up: {startup:.1f} s (not in the rates)")
+        print(f"videos per batch: {batch} (2 workers; select.batch_size {cfg.select.batch_size or 'auto'})")
         print(f"decode only (2 Ray tasks at a time): {decode_rate:.1f} videos/s")
         print(f"select, 2 workers: {rates[2]:.1f} videos/s")
         print(f"select, 1 worker: {rates[1]:.1f} videos/s")

@@ -186,3 +186,12 @@ def test_decisions_from_physics_scores():
     assert select.decide_row(row, {**scores, "physics": 0.0}, cfg)[1] == "implausible"
     assert select.decide_row(row, {**scores, "physics": None}, cfg)[1] == "physics_unreadable"
     assert select.decide_row(row, {**scores, "error": "VideoReadError: x"}, cfg)[1] == "decode_failed"
+
+
+def test_auto_batch_size_keeps_every_worker_busy_within_the_per_task_bounds():
+    # ~16 batches per worker, never below 64 videos (Ray's per-task cost) nor above 256
+    assert select.auto_batch_size(2000, 2) == 64
+    assert select.auto_batch_size(8000, 2) == 250
+    assert select.auto_batch_size(8000, 1) == 256
+    assert select.auto_batch_size(10**6, 4) == 256
+    assert select.auto_batch_size(10, 2) == 64
