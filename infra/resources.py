@@ -18,13 +18,16 @@ import math
 from dataclasses import dataclass, fields, replace
 
 # Environment variables that cap the thread pools of torch (OpenMP), BLAS backends,
-# numexpr and tokenizers. Ray sets only OMP_NUM_THREADS by itself.
+# numexpr and OpenCV. Ray sets only OMP_NUM_THREADS by itself: without OPENCV_FOR_THREADS_NUM
+# an OpenCV call in a Ray task (select's optical flow, evaluate's dynamic degree) ran on a
+# thread per core of the machine, beside the other workers.
 _THREAD_VARS = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
     "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
+    "OPENCV_FOR_THREADS_NUM",
 )
 
 

@@ -69,6 +69,7 @@ def test_workers_import_repo_packages_and_see_prefect_url(ray_local):
             "api_url": os.environ.get("PREFECT_API_URL"),
             "omp": os.environ.get("OMP_NUM_THREADS"),
             "mkl": os.environ.get("MKL_NUM_THREADS"),
+            "opencv": __import__("cv2").getNumThreads(),
         }
 
     seen = ray.get(probe.remote(), timeout=60)
@@ -76,6 +77,7 @@ def test_workers_import_repo_packages_and_see_prefect_url(ray_local):
     assert not seen["cwd"].startswith(str(REPO_ROOT))
     assert seen["api_url"] == _FAKE_API_URL
     assert seen["omp"] == seen["mkl"] == "1"
+    assert seen["opencv"] == 1  # OpenCV's own pool, a thread per core unless capped
 
 
 def test_map_batches_with_fractional_cpu_actor_pool(ray_local):
