@@ -125,7 +125,7 @@ def main() -> None:
             startup = time.perf_counter() - t0
             # 1. decode only, same pipeline shape
             t0 = time.perf_counter()
-            ds = ray.data.from_items(items).map_batches(decode_batch, batch_size=batch, concurrency=2)
+            ds = ray.data.from_items(items).map_batches(decode_batch, batch_size=batch, compute=ray.data.TaskPoolStrategy(size=2))
             decoded = sum(int(b["frames"].shape[0]) for b in ds.iter_batches(batch_size=None))
             decode_rate = decoded / (time.perf_counter() - t0)
             # 2. the whole stage, 1 worker then 2 (a fresh folder each time: no score cache), after

@@ -115,7 +115,7 @@ class SelectConfig(StageConfig):
     )
     batch_size: int | None = Field(
         None, ge=1, description="videos per map_batches call; None: `auto_batch_size` (about 16 batches per worker, "
-        "64 to 256 videos). Ray Data costs ~tens of ms per task, so small clips go in big batches",
+        "64 to 256 videos, at least one batch per worker). Ray Data costs ~tens of ms per task, so small clips go in big batches",
     )
     contact_sheet: int = Field(4, ge=0, description="selected and rejected clips shown in the contact sheet PNG")
 
@@ -312,9 +312,13 @@ class VLMPhysicsScorer:
 def auto_batch_size(videos: int, workers: int, per_worker: int = 16, smallest: int = 64, largest: int = 256) -> int:
     """Videos per batch when `select.batch_size` is None: about `per_worker` batches per worker, so the last
     batches do not leave a worker idle, but no fewer than `smallest` videos, since each Ray task costs
-    ~65-145 ms of scheduling here (a 16x16x8 clip costs ~6.5 ms to score), and no more than `largest`.
-    Measured with benchmarks/select.py on 8,000 clips: speed-up 1->2 workers 1.31 at 64, 1.60 at 256."""
-    return max(smallest, min(largest, -(-videos // max(1, workers * per_worker))))
+    ~65-145 ms of scheduling here (a 16x16x8 clip costs ~6.5 ms to score), and no more than `largest`;
+    and never so many that a worker gets no batch at all (a folder of 100 videos is 2 batches of 50 for
+    2 workers, not one of 64 and one of 36). Measured with benchmarks/select.py on 8,000 clips: speed-up
+    1->2 workers 1.31 at 64, 1.49-1.52 at 245."""
+    workers = max(1, workers)
+    wanted = max(smallest, min(largest, -(-videos // (workers * per_worker))))
+    return max(1, min(wanted, -(-videos // workers)))
 
 
 def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, address: str | None) -> list[dict]:
@@ -344,7 +348,7 @@ def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, addr
             frame_scores_batch,
             fn_kwargs={"setup": setup, "keep_frames": bool(models)},
             batch_size=res.batch_size,
-            concurrency=cfg.workers,
+            compute=ray.data.TaskPoolStrategy(size=cfg.workers),
             num_cpus=task_cpus,
         )
         for i, actor in enumerate(models):

@@ -194,4 +194,7 @@ def test_auto_batch_size_keeps_every_worker_busy_within_the_per_task_bounds():
     assert select.auto_batch_size(8000, 2) == 250
     assert select.auto_batch_size(8000, 1) == 256
     assert select.auto_batch_size(10**6, 4) == 256
-    assert select.auto_batch_size(10, 2) == 64
+    # a small folder still gives every worker a batch
+    assert select.auto_batch_size(100, 2) == 50
+    assert select.auto_batch_size(10, 2) == 5
+    assert select.auto_batch_size(1, 2) == 1
