@@ -26,7 +26,9 @@ reads everything. Which dimensions are prompt-blind is the config's `prompt_blin
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,11 +159,12 @@ class ClipBackbone(nn.Module):
     def from_architecture(cls, cfg: RewardModelConfig, architecture: dict) -> ClipBackbone:
         """Untrained towers of a saved architecture, for `load_state_dict` to fill."""
         register_model_config(architecture["model_name"], architecture["model_cfg"])
-        clip = open_clip.create_model(
-            architecture["model_name"],
-            pretrained=None,
-            force_preprocess_cfg={k: v for k, v in architecture["preprocess_cfg"].items() if k != "size"},
-        )
+        with _weights_come_next(architecture["model_name"]):
+            clip = open_clip.create_model(
+                architecture["model_name"],
+                pretrained=None,
+                force_preprocess_cfg={k: v for k, v in architecture["preprocess_cfg"].items() if k != "size"},
+            )
         return cls(cfg, clip, architecture)
 
     @staticmethod
@@ -420,3 +423,21 @@ class VlmBackbone(nn.Module):
                 raise RuntimeError(f"the chat text must hold {reward_token(d)} exactly once per video")
             picked.append(hidden[torch.arange(len(ids), device=device), hit.float().argmax(dim=1)])
         return torch.stack(picked, dim=1)
+
+
+@contextlib.contextmanager
+def _weights_come_next(model_name: str):
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning for
+    `model_name` while its towers are built only to be filled by `load_state_dict` (a saved reward
+    model): the warning is true of the build step and false of the model a user gets."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("No pretrained weights loaded") and f"'{model_name}'" in message)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
