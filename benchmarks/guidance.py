@@ -183,6 +183,12 @@ def main() -> None:
             ("MQ 1 (world RM, noisy-latent)", base, lambda: guide("VQ:MQ:TA=0:1:0", world[1]), False),
             ("MQ 5 (world RM, clean, x̂0)", base, lambda: guide("VQ:MQ:TA=0:5:0", world[0]), False),
             ("MQ 5 (world RM, noisy-latent)", base, lambda: guide("VQ:MQ:TA=0:5:0", world[1]), False),
+            # the weight sweep with the world's clean model (VideoAlign's Table 6 shape)
+            ("MQ 0.5 (world RM, clean, x̂0)", base, lambda: guide("VQ:MQ:TA=0:0.5:0", world[0]), False),
+            ("MQ 2 (world RM, clean, x̂0)", base, lambda: guide("VQ:MQ:TA=0:2:0", world[0]), False),
+            ("VQ 1 (world RM, clean, x̂0)", base, lambda: guide("VQ:MQ:TA=1:0:0", world[0]), False),
+            ("TA 1 (world RM, clean, x̂0)", base, lambda: guide("VQ:MQ:TA=0:0:1", world[0]), False),
+            ("VQ:MQ:TA 1:1:1 (world RM, clean, x̂0)", base, lambda: guide("VQ:MQ:TA=1:1:1", world[0]), False),
         ] if world else []),
         ("first frame, plain", base, None, True),
         ("first frame + MQ 1 (clean)", base, lambda: guide("VQ:MQ:TA=0:1:0", clean_folder), True),
