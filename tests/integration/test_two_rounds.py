@@ -24,7 +24,9 @@ from tests.test_cli import TINY, prefloop
 pytestmark = pytest.mark.integration
 
 ROUND_STAGES = ("generate", "label", "train_reward", "finetune", "evaluate")
-RUN = "two"
+# a run name no other test uses: the Prefect server is one per pytest session, and the checks below
+# find flow runs by name (the two-node fault test's run is called `two`)
+RUN = "integration-two-rounds"
 # run.gate=false: the tiny policy never improves, and the test is about the second round running
 TWO_ROUNDS = (*TINY, "--set", "run.rounds=2", "--set", "run.gate=false")
 
