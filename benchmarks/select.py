@@ -63,18 +63,17 @@ def score_alone(args: tuple) -> tuple[int, float]:
     return len(items), time.perf_counter() - t0
 
 
-def scaling_without_ray(rows: list[dict], layout, cfg, batch: int, per_process: int = 600) -> float:
+def scaling_without_ray(rows: list[dict], layout, cfg, inputs: dict, batch: int, per_process: int = 600) -> float:
     """How select's per-video work scales from 1 to 2 plain processes on this machine: the ceiling
     the Ray pipeline's speed-up is measured against (it pays Ray and the CLIP actor's start on top)."""
+    import dataclasses
     import multiprocessing
 
     from tasks import select
 
-    world = select._world_spec(layout)
-    setup = select.ScoringSetup(scoring=cfg.select.scoring, physics="judge", world_size=world[0], world_frames=world[1],
-                                world_fps=world[2], clip_name=None, clip_pretrained=None, clip_device="cpu", clip_dtype="float32")
-    items = [{"video_id": r["video_id"], "path": str(layout.resolve(r["video_path"])), "text": r["caption"], "fps": r["fps"]}
-             for r in rows[: 2 * per_process]]
+    # the stage's own setup and items, without CLIP (its actor is what the ceiling leaves out)
+    setup = dataclasses.replace(select.scoring_setup(cfg.select, layout, inputs), clip_name=None, clip_pretrained=None)
+    items = select.scoring_items(rows[: 2 * per_process], layout)
     halves = [items[:per_process], items[per_process:]]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
@@ -115,7 +114,7 @@ def main() -> None:
         total = len(read_manifest(videos.path, "videos", layout))
         batch = cfg.select.batch_size or select.auto_batch_size(len(items), 2)
 
-        ceiling = scaling_without_ray(rows, layout, cfg, batch)
+        ceiling = scaling_without_ray(rows, layout, cfg, {"videos": videos, "checkpoints": ckpts}, batch)
         # Keep the warm-up's worker processes: Ray kills an idle worker after 1 s when more processes
         # than CPUs are alive (the CLIP actor counts), and the 2-worker run then started its second
         # task worker cold, 2.4-2.8 s late, while the 1-worker run had its one worker warm.

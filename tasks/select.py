@@ -29,7 +29,7 @@ import contextlib
 import io
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -321,6 +321,40 @@ def auto_batch_size(videos: int, workers: int, per_worker: int = 16, smallest: i
     return max(1, min(wanted, -(-videos // workers)))
 
 
+def scoring_setup(cfg: SelectConfig, layout: RunLayout, inputs: Mapping[str, ManifestRef]) -> ScoringSetup:
+    """What the Ray workers need to score this run's videos, after checking that its scorers can run."""
+    world = _world_spec(layout) if cfg.physics == "judge" else None
+    if cfg.physics == "judge" and world is None:
+        raise ValueError(
+            "select.physics `judge` works on the embedded world only; for real footage set select.physics=vlm "
+            "with select.vlm_model, or select.physics=none"
+        )
+    if cfg.physics == "vlm" and not cfg.vlm_model:
+        raise ValueError("select.physics is `vlm` but select.vlm_model is not set; name a VLM hub id or local folder")
+    clip_name, clip_path = _clip_location(inputs, cfg, layout)
+    world_size, world_frames, world_fps = world or (None, None, None)
+    return ScoringSetup(
+        scoring=cfg.scoring,
+        physics=cfg.physics,
+        world_size=world_size,
+        world_frames=world_frames,
+        world_fps=world_fps,
+        clip_name=clip_name,
+        clip_pretrained=clip_path,
+        clip_device=cfg.text.device,
+        clip_dtype=cfg.text.dtype,
+        vlm_model=cfg.vlm_model,
+    )
+
+
+def scoring_items(rows: Sequence[Mapping[str, Any]], layout: RunLayout) -> list[dict]:
+    """The rows of a `videos` manifest as the scoring workers read them (id, absolute path, caption, fps)."""
+    return [
+        {"video_id": r["video_id"], "path": str(layout.resolve(r["video_path"])), "text": r["caption"], "fps": r["fps"]}
+        for r in rows
+    ]
+
+
 def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, address: str | None) -> list[dict]:
     """Scores of every item (video_id, path, text = caption, fps) through Ray Data."""
     import ray
@@ -476,28 +510,8 @@ def run(
     # 0. check inputs: which scorers this run uses
     videos = read_manifest(inputs["videos"].path, "videos", layout)
     rows = videos.rows()
-    world = _world_spec(layout) if cfg.physics == "judge" else None
-    if cfg.physics == "judge" and world is None:
-        raise ValueError(
-            "select.physics `judge` works on the embedded world only; for real footage set select.physics=vlm "
-            "with select.vlm_model, or select.physics=none"
-        )
-    if cfg.physics == "vlm" and not cfg.vlm_model:
-        raise ValueError("select.physics is `vlm` but select.vlm_model is not set; name a VLM hub id or local folder")
-    clip_name, clip_path = _clip_location(inputs, cfg, layout)
-    world_size, world_frames, world_fps = world or (None, None, None)
-    setup = ScoringSetup(
-        scoring=cfg.scoring,
-        physics=cfg.physics,
-        world_size=world_size,
-        world_frames=world_frames,
-        world_fps=world_fps,
-        clip_name=clip_name,
-        clip_pretrained=clip_path,
-        clip_device=cfg.text.device,
-        clip_dtype=cfg.text.dtype,
-        vlm_model=cfg.vlm_model,
-    )
+    setup = scoring_setup(cfg, layout, inputs)
+    clip_path = setup.clip_pretrained
     # 1. scores: from the cache when only decisions changed, else decoded and scored on Ray
     clip_hash = inputs["checkpoints"].content_hash if clip_path and "checkpoints" in inputs else clip_path
     key = config_hash({"videos": videos.ref.content_hash, "clip": clip_hash, "scoring": cfg.scoring_hash()})
@@ -509,10 +523,7 @@ def run(
         # unless its declared size alone passes the decode budget: that is known without opening it
         budget = cfg.scoring.max_decode_mib * 2**20
         todo = [r for r in rows if r["reason"] is None and declared_bytes(r) <= budget]
-        items = [
-            {"video_id": r["video_id"], "path": str(layout.resolve(r["video_path"])), "text": r["caption"], "fps": r["fps"]}
-            for r in todo
-        ]
+        items = scoring_items(todo, layout)
         scores = {s["video_id"]: s for s in score_on_ray(items, setup, cfg, ray_address)} if items else {}
         scoring_nodes = len({s["node_id"] for s in scores.values() if s.get("node_id")})
         for r in rows:
@@ -543,7 +554,7 @@ def run(
                 "selected": reason is None,
             }
         )
-    _apply_diversity_and_top_k(out_rows, cfg, clip_name, clip_path)
+    _apply_diversity_and_top_k(out_rows, cfg, setup.clip_name, clip_path)
     # 3. the manifest, the contact sheet and the counts for the UI
     ref = write_manifest(out_rows, "selection", out.manifest_path, layout, lineage)
     images = {}
