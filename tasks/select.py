@@ -314,7 +314,7 @@ def auto_batch_size(videos: int, workers: int, per_worker: int = 16, smallest: i
     batches do not leave a worker idle, but no fewer than `smallest` videos, since each Ray task costs
     ~65-145 ms of scheduling here (a 16x16x8 clip costs ~6.5 ms to score), and no more than `largest`;
     and never so many that a worker gets no batch at all (a folder of 100 videos is 2 batches of 50 for
-    2 workers, not one of 64 and one of 36). Measured with benchmarks/select.py on 8,000 clips: speed-up
+    2 workers, not one of 64 and one of 36). Measured with benchmarks/select.py on 8,000 clips (session 8, 1 vs 2 tasks on 2 cores): speed-up
     1->2 workers 1.31 at 64, 1.49-1.52 at 245."""
     workers = max(1, workers)
     wanted = max(smallest, min(largest, -(-videos // (workers * per_worker))))
@@ -401,7 +401,7 @@ def score_on_ray(items: list[dict], setup: ScoringSetup, cfg: SelectConfig, addr
 def _no_op_reservation():
     """Ray Data reserves a share of the CPUs for each operator by default; with a model actor pool
     beside the decode tasks on 2 cores, that reservation held the tasks to about one at a time
-    (measured speed-up 1->2 workers 1.03-1.07 with it, 1.30-1.46 without)."""
+    (measured speed-up from 1 to 2 tasks on 2 cores 1.03-1.07 with it, 1.30-1.46 without)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
