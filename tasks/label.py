@@ -3,6 +3,8 @@
 IPO (ALGORITHMS.md §8): the critic scores every sample of a prompt pointwise; the best and the
 worst by overall score (the mean of VQ, MQ and TA) form a pair, and the critic labels that pair
 on each dimension (VideoAlign's VQ visual quality, MQ motion quality, TA text alignment).
+`rank_by=mq_ta` orders by MQ, then TA, then VQ instead, so that the pair differs in motion quality
+whenever the prompt's samples do.
 `pairing` also offers every pair of a prompt, or every pair at least `margin` apart.
 
 Critics (one interface, `Critic`: `score` pointwise, `compare` pairwise):
@@ -15,7 +17,8 @@ Critics (one interface, `Critic`: `score` pointwise, `compare` pairwise):
   is a tie on a dimension when |r_A − r_B| ≤ ε (`tie_margin`). Any scorer callable plugs in.
 
 The `labels` manifest holds pairs only: in every row A is the pair's chosen video (the higher
-overall score; the lower sample index among equals), `video_a`/`video_b` are the paths as stored
+overall score, or with `rank_by=mq_ta` the higher MQ, then TA, then VQ; the lower sample index among
+equals), `video_a`/`video_b` are the paths as stored
 in `generations`, `label_*` are the critic's verdicts and `score_*` the critic's pointwise margin
 s(A) − s(B) per dimension (what VideoAlign's tie calibration thresholds; null when a side has no
 score). Pointwise scores of every generation — unreadable ones included, with a reason — go to
@@ -90,6 +93,12 @@ class LabelConfig(StageConfig):
         description="IPO's best vs. worst of each prompt's K samples by overall score; `all_pairs`: every pair of a "
         "prompt; `margin`: every pair whose overall scores differ by at least `margin`",
     )
+    rank_by: Literal["overall", "mq_ta"] = Field(
+        "overall",
+        description="`best_worst` order: overall (IPO: the mean of VQ, MQ and TA) or mq_ta (MQ first, then TA, then "
+        "VQ: the best and worst differ in motion quality whenever the prompt's samples do, as `finetune.prefer=mq_ta` "
+        "needs; by overall, 24 of 54 such pairs were undecided on MQ or had TA against MQ in one round-1 run)",
+    )
     margin: float | None = Field(
         None, ge=0, description="`margin` pairing: least overall-score gap, in the critic's units; no default: the "
         "units differ by critic ([0, 1] annotators, 1–5 vlm, z reward model)",
@@ -139,6 +148,11 @@ class LabelConfig(StageConfig):
                 "label.critic is `vlm` but label.vlm is not set; give label.vlm.model (a hub id already in the "
                 "local HF cache, e.g. Qwen/Qwen2-VL-2B-Instruct, or a folder written by save_pretrained)"
             )
+        if self.rank_by != "overall" and self.pairing != "best_worst":
+            raise ValueError(
+                f"label.rank_by={self.rank_by} orders the best_worst pairing only; label.pairing is {self.pairing!r}, "
+                "which pairs by overall score: set label.pairing=best_worst or label.rank_by=overall"
+            )
         if self.pairing == "margin" and self.margin is None:
             raise ValueError(
                 "label.pairing is `margin` but label.margin is not set; give the least overall-score gap in the "
@@ -178,20 +192,40 @@ class PromptOutcome:
     too_few: bool  # fewer than two readable (or, to rank, scored) samples
 
 
-def rank(samples: Sequence[Sample]) -> list[Sample]:
-    """Best first by overall score; unscored last; the lower sample index first among equals."""
-    return sorted(
-        samples,
-        key=lambda s: (s.overall is None, -(s.overall or 0.0), s.sample_index, s.generation_id),
-    )
+RANK_ORDERS = {"overall": ("overall",), "mq_ta": ("MQ", "TA", "VQ")}
+
+
+def rank_scores(sample: Sample, by: str = "overall") -> tuple[float, ...] | None:
+    """What `rank` orders a sample by (higher is better): its overall score, or MQ, TA, VQ in that order;
+    None when the sample has no overall score."""
+    if sample.overall is None:
+        return None
+    if by not in RANK_ORDERS:
+        raise ValueError(f"unknown rank order {by!r}; use one of {sorted(RANK_ORDERS)}")
+    named = {"overall": sample.overall, **dict(zip(DIMENSIONS, sample.scores, strict=True))}
+    return tuple(float(named[k]) for k in RANK_ORDERS[by])
+
+
+def rank(samples: Sequence[Sample], by: str = "overall") -> list[Sample]:
+    """Best first by `rank_scores` (overall score, or MQ then TA then VQ); unscored last; the lower
+    sample index first among equals."""
+
+    def key(s: Sample):
+        scores = rank_scores(s, by)
+        return (scores is None, tuple(-x for x in scores or ()), s.sample_index, s.generation_id)
+
+    return sorted(samples, key=key)
 
 
 def pair_prompt(
-    samples: Sequence[Sample], pairing: str, margin: float | None, keep_ties: bool
+    samples: Sequence[Sample], pairing: str, margin: float | None, keep_ties: bool, rank_by: str = "overall"
 ) -> tuple[list[tuple[Sample, Sample]], PromptOutcome]:
-    """The pairs of one prompt's samples, each ordered (chosen, rejected), and what happened."""
-    ranked = rank([s for s in samples if s.overall is not None])
+    """The pairs of one prompt's samples, each ordered (chosen, rejected), and what happened;
+    `rank_by` orders `best_worst` (the other pairings go by overall score)."""
+    ranked = rank([s for s in samples if s.overall is not None], rank_by if pairing == "best_worst" else "overall")
     all_equal = len(ranked) >= 2 and ranked[0].overall == ranked[-1].overall
+    if pairing == "best_worst" and len(ranked) >= 2:
+        all_equal = rank_scores(ranked[0], rank_by) == rank_scores(ranked[-1], rank_by)
     if pairing == "all_pairs":
         candidates = rank([s for s in samples if s.readable])
         pairs = list(itertools.combinations(candidates, 2))
@@ -217,7 +251,7 @@ def plan_pairs(
         groups[s.prompt_id].append(s)
     pairs, outcomes = [], {}
     for prompt_id, group in groups.items():
-        found, outcomes[prompt_id] = pair_prompt(group, cfg.pairing, cfg.margin, cfg.keep_ties)
+        found, outcomes[prompt_id] = pair_prompt(group, cfg.pairing, cfg.margin, cfg.keep_ties, cfg.rank_by)
         pairs.extend(found)
     return pairs, outcomes
 

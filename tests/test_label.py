@@ -111,6 +111,24 @@ def test_pairing_rules():
     assert pairs == [] and outcomes["q"] == label.PromptOutcome(0, True, False)
 
 
+def test_rank_by_mq_ta_pairs_the_motion_extremes():
+    """By overall the best (0: overall 0.83) and worst (2: 0.5) have the same MQ; by MQ, then TA, the
+    pair is the most plausible against the least (1 vs 3), TA breaking MQ's tie at the top (1 over 4)."""
+    group = [_sample(0, (1.0, 0.5, 1.0)), _sample(1, (0.0, 1.0, 1.0)), _sample(2, (0.5, 0.5, 0.5)),
+             _sample(3, (1.0, 0.25, 1.0)), _sample(4, (1.0, 1.0, 0.0)), _sample(5, None, readable=False)]
+    ids = lambda pairs: [(a.sample_index, b.sample_index) for a, b in pairs]  # noqa: E731
+    assert ids(plan_pairs(group, LabelConfig())[0]) == [(0, 2)]
+    assert ids(plan_pairs(group, LabelConfig(rank_by="mq_ta"))[0]) == [(1, 3)]
+    # equal in MQ, TA and VQ: all equal (a tie pair, or none without ties), though overall is equal too
+    same = [_sample(0, (0.5, 1.0, 1.0), "q"), _sample(1, (0.5, 1.0, 1.0), "q")]
+    assert plan_pairs(same, LabelConfig(rank_by="mq_ta", keep_ties=False)) == ([], {"q": label.PromptOutcome(0, True, False)})
+    # equal overall but not equal in MQ: not all equal by mq_ta
+    mixed = [_sample(0, (1.0, 0.5, 1.0), "r"), _sample(1, (1.0, 1.0, 0.5), "r")]
+    assert ids(plan_pairs(mixed, LabelConfig(rank_by="mq_ta", keep_ties=False))[0]) == [(1, 0)]
+    with pytest.raises(ValidationError, match=r"label.pairing=best_worst or label.rank_by=overall"):
+        LabelConfig(rank_by="mq_ta", pairing="all_pairs")
+
+
 def test_config_refuses_what_it_cannot_run():
     with pytest.raises(ValidationError, match=r"label.vlm.model"):
         LabelConfig(critic="vlm")
