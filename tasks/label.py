@@ -99,6 +99,12 @@ class LabelConfig(StageConfig):
         "VQ: the best and worst differ in motion quality whenever the prompt's samples do, as `finetune.prefer=mq_ta` "
         "needs; by overall, 24 of 54 such pairs were undecided on MQ or had TA against MQ in one round-1 run)",
     )
+    pairs_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="`best_worst`: pair the i-th best with the i-th worst for i < this (disjoint pairs, at most K/2; "
+        "beyond the first, only pairs whose two samples rank apart)",
+    )
     margin: float | None = Field(
         None, ge=0, description="`margin` pairing: least overall-score gap, in the critic's units; no default: the "
         "units differ by critic ([0, 1] annotators, 1–5 vlm, z reward model)",
@@ -147,6 +153,11 @@ class LabelConfig(StageConfig):
             raise ValueError(
                 "label.critic is `vlm` but label.vlm is not set; give label.vlm.model (a hub id already in the "
                 "local HF cache, e.g. Qwen/Qwen2-VL-2B-Instruct, or a folder written by save_pretrained)"
+            )
+        if self.pairs_per_prompt > 1 and self.pairing != "best_worst":
+            raise ValueError(
+                f"label.pairs_per_prompt={self.pairs_per_prompt} applies to the best_worst pairing only; label.pairing is "
+                f"{self.pairing!r}: set label.pairing=best_worst or label.pairs_per_prompt=1"
             )
         if self.rank_by != "overall" and self.pairing != "best_worst":
             raise ValueError(
@@ -218,10 +229,16 @@ def rank(samples: Sequence[Sample], by: str = "overall") -> list[Sample]:
 
 
 def pair_prompt(
-    samples: Sequence[Sample], pairing: str, margin: float | None, keep_ties: bool, rank_by: str = "overall"
+    samples: Sequence[Sample],
+    pairing: str,
+    margin: float | None,
+    keep_ties: bool,
+    rank_by: str = "overall",
+    per_prompt: int = 1,
 ) -> tuple[list[tuple[Sample, Sample]], PromptOutcome]:
     """The pairs of one prompt's samples, each ordered (chosen, rejected), and what happened;
-    `rank_by` orders `best_worst` (the other pairings go by overall score)."""
+    `rank_by` orders `best_worst` (the other pairings go by overall score), which pairs the i-th
+    best with the i-th worst for i < `per_prompt` (beyond the first, only samples that rank apart)."""
     ranked = rank([s for s in samples if s.overall is not None], rank_by if pairing == "best_worst" else "overall")
     all_equal = len(ranked) >= 2 and ranked[0].overall == ranked[-1].overall
     if pairing == "best_worst" and len(ranked) >= 2:
@@ -234,6 +251,9 @@ def pair_prompt(
         return [], PromptOutcome(0, False, True)
     if pairing == "best_worst":
         pairs = [] if all_equal and not keep_ties else [(ranked[0], ranked[-1])]
+        for i in range(1, min(per_prompt, len(ranked) // 2)):
+            if rank_scores(ranked[i], rank_by) != rank_scores(ranked[-1 - i], rank_by):
+                pairs.append((ranked[i], ranked[-1 - i]))
     elif pairing == "margin":
         # a small slack so that a gap of exactly `margin` survives float rounding of the means
         pairs = [(a, b) for a, b in itertools.combinations(ranked, 2) if a.overall - b.overall >= margin - 1e-12]
@@ -251,7 +271,7 @@ def plan_pairs(
         groups[s.prompt_id].append(s)
     pairs, outcomes = [], {}
     for prompt_id, group in groups.items():
-        found, outcomes[prompt_id] = pair_prompt(group, cfg.pairing, cfg.margin, cfg.keep_ties, cfg.rank_by)
+        found, outcomes[prompt_id] = pair_prompt(group, cfg.pairing, cfg.margin, cfg.keep_ties, cfg.rank_by, cfg.pairs_per_prompt)
         pairs.extend(found)
     return pairs, outcomes
 

@@ -129,6 +129,19 @@ def test_rank_by_mq_ta_pairs_the_motion_extremes():
         LabelConfig(rank_by="mq_ta", pairing="all_pairs")
 
 
+def test_pairs_per_prompt_pairs_the_ith_best_with_the_ith_worst():
+    """Overall scores 1.0, 0.83, 0.5, 0.5, 0.33, 0.0 (indices 0..5): 2 pairs are (0, 5), (1, 4); a third
+    (2, 3) ranks equal and is left out; more than K/2 asks for no more."""
+    group = [_sample(0, (1.0, 1.0, 1.0)), _sample(1, (1.0, 1.0, 0.5)), _sample(2, (0.5, 0.5, 0.5)),
+             _sample(3, (0.5, 0.5, 0.5)), _sample(4, (0.0, 0.5, 0.5)), _sample(5, (0.0, 0.0, 0.0))]
+    ids = lambda pairs: [(a.sample_index, b.sample_index) for a, b in pairs]  # noqa: E731
+    assert ids(plan_pairs(group, LabelConfig(pairs_per_prompt=2))[0]) == [(0, 5), (1, 4)]
+    assert ids(plan_pairs(group, LabelConfig(pairs_per_prompt=5))[0]) == [(0, 5), (1, 4)]
+    assert plan_pairs(group, LabelConfig(pairs_per_prompt=3))[1]["p"].pairs == 2
+    with pytest.raises(ValidationError, match=r"label.pairs_per_prompt=1"):
+        LabelConfig(pairs_per_prompt=2, pairing="margin", margin=0.1)
+
+
 def test_config_refuses_what_it_cannot_run():
     with pytest.raises(ValidationError, match=r"label.vlm.model"):
         LabelConfig(critic="vlm")
