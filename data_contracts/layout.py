@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 STAGES = ("ingest", "bootstrap", "select", "generate", "label", "train_reward", "finetune", "evaluate")
@@ -37,11 +37,16 @@ def check_run_name(run: str) -> str:
 
 @dataclass(frozen=True)
 class StageDir:
-    """The folder of one stage of one run (and round)."""
+    """The folder of one stage of one run (and round).
+
+    `fresh`: a forced rerun (`prefloop stage … --force`): the stage reuses nothing it finds in its
+    own folder (select's score cache, generate's finished shards), as a run whose key is new would
+    not. Not part of the folder's identity."""
 
     stage: str
     round: int | None
     path: Path
+    fresh: bool = field(default=False, compare=False)
 
     @property
     def manifest_path(self) -> Path:

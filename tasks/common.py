@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -83,6 +83,8 @@ def execute_stage(
     lineage = stage_lineage(out.stage, inputs, cfg)
     key = lineage.cache_key
     done = None if force else completed_ref(out, key)
+    if force:
+        out = replace(out, fresh=True)  # nor any of the stage's own intermediate results
     if done is not None:
         marker = read_marker(out) or {}
         return StageOutcome(

@@ -361,7 +361,7 @@ def run(
     ]
     # 2. keep shards finished by an earlier attempt, sample the rest on Ray
     done: dict[int, list[dict]] = {}
-    for job in jobs:
+    for job in [] if out.fresh else jobs:  # forced: sample every shard again
         rows = finished_shard(Path(job.record_path), lineage.cache_key, job.items)
         if rows is not None:
             done[job.index] = rows

@@ -516,7 +516,7 @@ def run(
     clip_hash = inputs["checkpoints"].content_hash if clip_path and "checkpoints" in inputs else clip_path
     key = config_hash({"videos": videos.ref.content_hash, "clip": clip_hash, "scoring": cfg.scoring_hash()})
     t0 = time.perf_counter()
-    scores = load_scores(out, key)
+    scores = None if out.fresh else load_scores(out, key)  # forced: score again
     decoded = scoring_nodes = 0
     if scores is None:
         # every readable video is scored, whatever the metadata bounds (bounds are decisions too),

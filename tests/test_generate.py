@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,8 @@ def run(tmp_path):
     return layout, {"videos": videos, "checkpoints": ckpt}
 
 
-def generate_run(layout, inputs, cfg, **kwargs):
-    out = layout.stage("generate", round=1)
+def generate_run(layout, inputs, cfg, out=None, **kwargs):
+    out = out or layout.stage("generate", round=1)
     out.path.mkdir(parents=True, exist_ok=True)
     return generate.run(inputs, cfg, layout, out, Lineage("generate", {k: v.content_hash for k, v in inputs.items()}, cfg.hash()), round=1, **kwargs), out
 
@@ -126,6 +127,18 @@ def test_a_restarted_stage_keeps_finished_shards(run, ray_local):
     kept = {Path(r["video_path"]).name for r in shard1}
     assert all(after[name] == before[name] for name in kept), "finished shards are not sampled again"
     assert all(after[name] != before[name] for name in set(before) - kept)
+    assert read_manifest(again.manifest.path, "generations", layout).table.equals(read_manifest(first.manifest.path, "generations", layout).table)
+
+
+def test_a_forced_rerun_samples_every_shard_again(run, ray_local):
+    """`--force` recomputes: finished shards of the same key are not kept (a restart without it keeps them)."""
+    layout, inputs = run
+    first, out = generate_run(layout, inputs, CFG)
+    before = {p.name: p.stat().st_mtime_ns for p in out.files("videos").iterdir()}
+    again, _ = generate_run(layout, inputs, CFG, out=replace(out, fresh=True))
+    assert again.counts["shards_resumed"] == 0 and again.counts["shards"] == first.counts["shards"]
+    after = {p.name: p.stat().st_mtime_ns for p in out.files("videos").iterdir()}
+    assert after.keys() == before.keys() and all(after[n] != before[n] for n in before)
     assert read_manifest(again.manifest.path, "generations", layout).table.equals(read_manifest(first.manifest.path, "generations", layout).table)
 
 

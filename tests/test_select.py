@@ -120,6 +120,14 @@ def test_changing_only_a_threshold_redecides_without_decoding(world):
     assert again.counts.get("reason:low_quality", 0) > 0
 
 
+def test_a_forced_rerun_scores_again(world):
+    """`--force` recomputes: the score cache the stage finds in its folder is not reused."""
+    layout, _, sel_cfg, inputs, first = world
+    forced = execute_stage(select.run, layout, layout.stage("select"), sel_cfg, inputs, force=True)
+    assert not forced.skipped and forced.counts["decoded"] == first.counts["decoded"] > 0
+    assert forced.counts["selected"] == first.counts["selected"]
+
+
 def test_real_format_folder_lands_with_the_right_reasons(tmp_path, world):
     """Varied sizes and frame rates, a static clip, a hard cut, a corrupt file — and open_clip
     loaded by path, the way a real run names its pretrained weights."""
