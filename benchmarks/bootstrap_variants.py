@@ -19,6 +19,11 @@ the j-th sample of a prompt from frame 0 of the prompt's j-th held-out real clip
 `first_frame_rate` > 0, else `path`), and reports those rates and how many frame 0s came back
 exactly. `--reuse` loads a variant already trained in its `--out-dir` folder instead of training.
 
+`"train_on": "selected"` trains on the training clips the run's `select` stage kept (plausible,
+defect-free, caption-matching) instead of every usable one, and `"max_clips": N` on a seeded random N
+of them: whether the same model, trained for the same steps on good clips only, samples more
+plausible videos (is the base bound by its data or by its size and steps?).
+
     .venv/bin/python benchmarks/bootstrap_variants.py --run e2e --runs-root /tmp/e2e6 --samples 256 \
         '{"steps": 1800, "first_frame_rate": 0.25, "eval_guidance": [5], "eval_first_frame": true}'
 """
@@ -65,22 +70,33 @@ def main() -> None:
     cfg = resolve_config(saved=run_dir / "config.yaml")
     layout = cfg.layout(args.runs_root, args.run)
     videos = read_manifest(run_dir / "ingest/manifest.parquet", "videos", layout).rows()
-    rows = training_rows(videos, None, 0)
+    spec = json.loads(args.spec)
+    train_on = spec.pop("train_on", "all")
+    max_clips = spec.pop("max_clips", None)
+    if train_on == "selected":
+        kept = {r["video_id"] for r in read_manifest(run_dir / "select/manifest.parquet", "selection", layout).rows() if r["selected"]}
+        videos_for_training = [r for r in videos if r["video_id"] in kept]
+    elif train_on == "all":
+        videos_for_training = videos
+    else:
+        raise SystemExit(f"train_on: {train_on!r}; use 'all' or 'selected'")
+    rows = training_rows(videos_for_training, max_clips, 0)
     clips, captions, shape = full_length([read_video(layout.resolve(r["video_path"])) for r in rows], [r["caption"] for r in rows])
     heldout = sorted({r["caption"] for r in videos if r["split"] == "heldout" and r["caption"]})
 
-    spec = json.loads(args.spec)
     guidances = spec.pop("eval_guidance", [1, 3, 5])
     with_first_frame = bool(spec.pop("eval_first_frame", False))
     train_cfg = BasePolicyTrainConfig(**spec)
     name = "-".join(f"{k}{v}" for k, v in sorted(spec.items())) or "default"
+    if train_on != "all" or max_clips is not None:
+        name += f"-{train_on}{max_clips or ''}"
     out_dir = args.out_dir / name
     if args.reuse and (out_dir / "transformer" / "config.json").is_file():
         policy, info = load_policy(out_dir, shape[0], shape[1], first_frame_mode(train_cfg)), {}
     else:
         policy, info = train_base_policy(clips, captions, out_dir, train_cfg)
     result: dict = {
-        "spec": args.spec, "threads": args.threads, "clips": len(clips), "steps_done": info.get("steps_done"),
+        "spec": args.spec, "threads": args.threads, "train_on": train_on, "clips": len(clips), "steps_done": info.get("steps_done"),
         "train_s": round(info.get("seconds", 0.0), 1), "s_per_step": round(info.get("seconds_per_step", 0.0), 3),
         "final_loss": round(info.get("final_loss", float("nan")), 4), "reused": not info,
     }
