@@ -113,6 +113,7 @@ def main() -> None:
                 "plausibility": round(100 * judged["plausibility"], 1), "ci": [round(100 * low, 1), round(100 * high, 1)],
                 "caption_agreement": round(100 * judged["caption_agreement"], 1),
                 "judge_s": round(time.perf_counter() - t0, 1),
+                "reasons": dict(sorted(judged["reasons"].items(), key=lambda kv: -kv[1])),  # first failing check
             }
             if frames is not None:
                 entry.update(mode=policy.cfg.first_frame_mode, frame0_exact=judged["frame0_exact"])
