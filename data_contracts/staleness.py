@@ -1,10 +1,10 @@
 """Which stages of a run are stale: computed from inputs that have since been recomputed.
 
 Two sources, both files:
-- the stale mark (`stale.json` in the stage folder): written on every completed stage *after* a
-  stage that was recomputed (`prefloop stage label --run demo --round 1` marks round 1's
-  train_reward, finetune, evaluate and every stage of later rounds), and removed when the stage
-  runs again or is found up to date by its cache key;
+- the stale mark (`stale.json` in the stage folder): written on every completed stage that read a
+  stage that was recomputed, directly or through another marked stage (`prefloop stage label --run
+  demo --round 1` marks round 1's train_reward, finetune, evaluate and every stage of later rounds
+  that reads them), and removed when the stage runs again or is found up to date by its cache key;
 - lineage: a stage's marker records the content hash of each input manifest it read; an input
   whose manifest now has another hash changes the stage's cache key, so the next run recomputes it.
 
@@ -52,12 +52,28 @@ def downstream(layout: RunLayout, stage_dir: StageDir) -> list[StageDir]:
     return [d for d in run_stages(layout) if _position(d) > here]
 
 
+def _read_from(stage_dir: StageDir) -> set[str]:
+    """The labels (`select`, `round-01/label`) of the stages whose manifests `stage_dir` read, as its
+    marker records them; by label, not path, so a run folder copied elsewhere still matches."""
+    labels = set()
+    for recorded in (read_marker(stage_dir) or {}).get("inputs", {}).values():
+        folder = Path(recorded.get("path", "")).parent
+        labels.add(f"{folder.parent.name}/{folder.name}" if folder.parent.name.startswith("round-") else folder.name)
+    return labels
+
+
 def mark_downstream_stale(layout: RunLayout, stage_dir: StageDir, cache_key: str) -> list[StageDir]:
-    """Mark every completed stage after `stage_dir` stale, because `stage_dir` was just recomputed."""
-    marked = []
+    """Mark stale every completed stage after `stage_dir` that read it, directly or through a stage
+    marked here, because `stage_dir` was just recomputed. A later stage that reads none of them (in
+    a round, `finetune` does not read `train_reward`) was not computed from the old output, and is
+    left alone even when it ran before `stage_dir` did."""
+    marked, sources = [], {stage_dir.label}
     for d in downstream(layout, stage_dir):
         if read_marker(d) is None:
             continue  # never completed: nothing to distrust
+        if not _read_from(d) & sources:
+            continue  # computed from none of what changed
+        sources.add(d.label)
         atomic_write_json(
             d.stale_path, {"cause": stage_dir.label, "cause_cache_key": cache_key, "marked_at": time.time()}
         )

@@ -121,3 +121,24 @@ def read_marker_ref(layout: RunLayout, stage: str, rnd: int | None = None):
     from data_contracts import manifest_ref
 
     return manifest_ref(layout.stage(stage, rnd).manifest_path, "checkpoints")
+
+
+def test_only_stages_that_read_the_recomputed_one_are_marked(tmp_path):
+    """Marks follow what each stage read, not the DAG order: round 1 here reads ingest, not select,
+    so recomputing select leaves round 1 alone (as a round's finetune, which does not read
+    train_reward, is left alone when train_reward runs after it)."""
+    layout = RunLayout(tmp_path, "branch")
+    ingest = execute_stage(stand_in, layout, layout.stage("ingest"), StandInConfig(), {}).manifest
+    select = execute_stage(stand_in, layout, layout.stage("select"), StandInConfig(), {"prev": ingest}).manifest
+    gen = execute_stage(stand_in, layout, layout.stage("generate", 1), StandInConfig(), {"prev": ingest}).manifest
+    execute_stage(stand_in, layout, layout.stage("label", 1), StandInConfig(), {"prev": gen})
+    execute_stage(stand_in, layout, layout.stage("generate", 2), StandInConfig(), {"prev": select})
+    execute_stage(stand_in, layout, layout.stage("label", 2), StandInConfig(), {"prev": read_marker_ref(layout, "generate", 2)})
+
+    sel = layout.stage("select")
+    outcome = execute_stage(stand_in, layout, sel, StandInConfig(value=3), {"prev": ingest})
+    marked = mark_downstream_stale(layout, sel, outcome.cache_key)
+    # round 2's label reads select only through round 2's generate: marked as well
+    assert [d.label for d in marked] == ["round-02/generate", "round-02/label"]
+    assert stage_status(layout.stage("generate", 1)) == ("complete", "")
+    assert stage_status(layout.stage("label", 1)) == ("complete", "")
