@@ -52,11 +52,11 @@ def downstream(layout: RunLayout, stage_dir: StageDir) -> list[StageDir]:
     return [d for d in run_stages(layout) if _position(d) > here]
 
 
-def _read_from(stage_dir: StageDir) -> set[str]:
-    """The labels (`select`, `round-01/label`) of the stages whose manifests `stage_dir` read, as its
+def _read_from(marker: dict) -> set[str]:
+    """The labels (`select`, `round-01/label`) of the stages whose manifests a stage read, as its
     marker records them; by label, not path, so a run folder copied elsewhere still matches."""
     labels = set()
-    for recorded in (read_marker(stage_dir) or {}).get("inputs", {}).values():
+    for recorded in marker.get("inputs", {}).values():
         folder = Path(recorded.get("path", "")).parent
         labels.add(f"{folder.parent.name}/{folder.name}" if folder.parent.name.startswith("round-") else folder.name)
     return labels
@@ -69,9 +69,10 @@ def mark_downstream_stale(layout: RunLayout, stage_dir: StageDir, cache_key: str
     left alone even when it ran before `stage_dir` did."""
     marked, sources = [], {stage_dir.label}
     for d in downstream(layout, stage_dir):
-        if read_marker(d) is None:
+        marker = read_marker(d)
+        if marker is None:
             continue  # never completed: nothing to distrust
-        if not _read_from(d) & sources:
+        if not _read_from(marker) & sources:
             continue  # computed from none of what changed
         sources.add(d.label)
         atomic_write_json(

@@ -239,10 +239,9 @@ def pair_prompt(
     """The pairs of one prompt's samples, each ordered (chosen, rejected), and what happened;
     `rank_by` orders `best_worst` (the other pairings go by overall score), which pairs the i-th
     best with the i-th worst for i < `per_prompt` (beyond the first, only samples that rank apart)."""
-    ranked = rank([s for s in samples if s.overall is not None], rank_by if pairing == "best_worst" else "overall")
-    all_equal = len(ranked) >= 2 and ranked[0].overall == ranked[-1].overall
-    if pairing == "best_worst" and len(ranked) >= 2:
-        all_equal = rank_scores(ranked[0], rank_by) == rank_scores(ranked[-1], rank_by)
+    by = rank_by if pairing == "best_worst" else "overall"
+    ranked = rank([s for s in samples if s.overall is not None], by)
+    all_equal = len(ranked) >= 2 and rank_scores(ranked[0], by) == rank_scores(ranked[-1], by)
     if pairing == "all_pairs":
         candidates = rank([s for s in samples if s.readable])
         pairs = list(itertools.combinations(candidates, 2))
