@@ -19,6 +19,9 @@ the j-th sample of a prompt from frame 0 of the prompt's j-th held-out real clip
 `first_frame_rate` > 0, else `path`), and reports those rates and how many frame 0s came back
 exactly. `--reuse` loads a variant already trained in its `--out-dir` folder instead of training.
 
+`"init": "base"` continues training the run's bootstrap policy (its weights and text encoder) instead of
+a random one: what more training on good clips does to the base a round starts from.
+
 `"train_on": "selected"` trains on the training clips the run's `select` stage kept (plausible,
 defect-free, caption-matching) instead of every usable one, and `"max_clips": N` on a seeded random N
 of them: whether the same model, trained for the same steps on good clips only, samples more
@@ -72,6 +75,11 @@ def main() -> None:
     videos = read_manifest(run_dir / "ingest/manifest.parquet", "videos", layout).rows()
     spec = json.loads(args.spec)
     train_on = spec.pop("train_on", "all")
+    init = spec.pop("init", None)
+    if init == "base":
+        spec["init_from"] = str(run_dir / "bootstrap/policy")
+    elif init is not None:
+        raise SystemExit(f"init: {init!r}; use 'base' (continue the run's bootstrap policy) or leave it out")
     max_clips = spec.pop("max_clips", None)
     if train_on == "selected":
         kept = {r["video_id"] for r in read_manifest(run_dir / "select/manifest.parquet", "selection", layout).rows() if r["selected"]}
@@ -87,7 +95,9 @@ def main() -> None:
     guidances = spec.pop("eval_guidance", [1, 3, 5])
     with_first_frame = bool(spec.pop("eval_first_frame", False))
     train_cfg = BasePolicyTrainConfig(**spec)
-    name = "-".join(f"{k}{v}" for k, v in sorted(spec.items())) or "default"
+    name = "-".join(f"{k}{v}" for k, v in sorted(spec.items()) if k != "init_from") or "default"
+    if init is not None:
+        name += f"-init{init}"
     if train_on != "all" or max_clips is not None:
         name += f"-{train_on}{max_clips or ''}"
     out_dir = args.out_dir / name

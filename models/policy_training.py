@@ -14,6 +14,7 @@ plausibility and caption-agreement rates with Wilson 95% intervals.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -81,6 +82,11 @@ class BasePolicyTrainConfig(BaseModel):
         "38.7% vs 33.2% over two seeds; README, first-frame conditioning)",
     )
     seed: int = Field(0, description="seeds the initial weights, the batch order, t and ε")
+    init_from: str | None = Field(
+        None,
+        description="a folder `train_base_policy` wrote (text_encoder/ and transformer/): continue training that policy "
+        "instead of building a random one; its text encoder is reused as it is, so every caption must be in its vocabulary",
+    )
     time_budget_s: float | None = Field(
         None, gt=0, description="stop training after this many seconds (info says so); None: run all steps"
     )
@@ -169,6 +175,18 @@ def load_policy(out_dir: str | Path, frames: int = 8, size: int = 16, first_fram
     )
 
 
+def _copy_policy(src: Path, out: Path) -> None:
+    """Copy a saved policy's text encoder and transformer into `out` (the start of a continued training)."""
+    for sub in (TEXT_ENCODER_DIR, TRANSFORMER_DIR):
+        if not (src / sub / "config.json").is_file():
+            raise FileNotFoundError(
+                f"policy_training: init_from={src} has no {sub}/ written by train_base_policy; "
+                "point it at a bootstrap `policy` folder or a variant's output folder"
+            )
+        if (out / sub).resolve() != (src / sub).resolve():
+            shutil.copytree(src / sub, out / sub, dirs_exist_ok=True)
+
+
 def first_frame_mode(cfg: BasePolicyTrainConfig) -> str:
     """How the trained policy holds a given first frame: `clean` once it was trained to continue one."""
     return "clean" if cfg.first_frame_rate > 0 else "path"
@@ -193,12 +211,15 @@ def train_base_policy(
     if height != width:
         raise ValueError(f"train_base_policy: clips are {width}×{height}; the world's clips are square")
     out = Path(out_dir)
-    text = build_text_encoder(sorted(set(captions)), out / TEXT_ENCODER_DIR, seed=cfg.seed)
-    build_tiny(
-        "wan", out / TRANSFORMER_DIR, text_dim=text.hidden_size, text_len=text.max_length, frames=frames,
-        height=height, width=width, patch_size=cfg.patch_size, layers=cfg.layers, dim=cfg.dim,
-        head_dim=cfg.head_dim, seed=cfg.seed,
-    )
+    if cfg.init_from is not None:
+        _copy_policy(Path(cfg.init_from), out)
+    else:
+        text = build_text_encoder(sorted(set(captions)), out / TEXT_ENCODER_DIR, seed=cfg.seed)
+        build_tiny(
+            "wan", out / TRANSFORMER_DIR, text_dim=text.hidden_size, text_len=text.max_length, frames=frames,
+            height=height, width=width, patch_size=cfg.patch_size, layers=cfg.layers, dim=cfg.dim,
+            head_dim=cfg.head_dim, seed=cfg.seed,
+        )
     policy = load_policy(out, frames, height, first_frame_mode(cfg))
     model = policy.transformer
     model.requires_grad_(True).train()

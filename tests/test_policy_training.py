@@ -76,6 +76,26 @@ def test_saved_policy_samples_the_same_videos(clips, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_training_continues_from_a_saved_policy_and_leaves_it_alone(clips, tmp_path):
+    frames, captions = clips
+    first, _ = train_base_policy(frames, captions, tmp_path / "first", BasePolicyTrainConfig(steps=40, **TINY))
+    saved = (tmp_path / "first" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    cfg = BasePolicyTrainConfig(steps=5, init_from=str(tmp_path / "first"), **{**TINY, "lr": 1e-4})
+    more, _ = train_base_policy(frames, captions, tmp_path / "more", cfg)
+    fresh, _ = train_base_policy(frames, captions, tmp_path / "fresh", BasePolicyTrainConfig(steps=5, **TINY))
+    # 1. it started from the saved weights: 5 small steps keep it near them, far from a fresh start
+    near = max(float((a - b).abs().max()) for a, b in zip(more.transformer.parameters(), first.transformer.parameters(), strict=True))
+    far = max(float((a - b).abs().max()) for a, b in zip(fresh.transformer.parameters(), first.transformer.parameters(), strict=True))
+    assert 0 < near < 0.05 * far
+    assert fixed_batch_loss(more, frames, captions) < 0.8 * fixed_batch_loss(fresh, frames, captions)
+    # 2. the source is untouched and the text encoder is the same one
+    assert (tmp_path / "first" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == saved
+    assert (tmp_path / "more" / "text_encoder" / "tokenizer.json").read_bytes() == (
+        tmp_path / "first" / "text_encoder" / "tokenizer.json").read_bytes()
+    with pytest.raises(FileNotFoundError, match="no text_encoder/"):
+        train_base_policy(frames, captions, tmp_path / "x", BasePolicyTrainConfig(steps=1, init_from=str(tmp_path / "nothing"), **TINY))
+
+
 def test_time_budget_stops_training_early_and_says_so(clips, tmp_path):
     frames, captions = clips
     cfg = BasePolicyTrainConfig(steps=10_000, time_budget_s=0.5, **TINY)
