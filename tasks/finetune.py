@@ -171,11 +171,13 @@ def pair_latents(pairs, gens: Sequence[Mapping[str, Any]], layout: RunLayout, wh
 
 
 def real_videos(inputs: Mapping[str, ManifestRef], policy_cfg: PolicyConfig, cfg: FinetuneConfig, layout: RunLayout):
-    """Frames and captions of the selected real clips (λ2), which the training workers encode with
-    the policy; clips of another shape than the policy's are left out."""
+    """Frames and captions of the selected real training clips (λ2), which the training workers encode
+    with the policy; held-out clips (their prompts stay unseen by every model) and clips of another
+    shape than the policy's are left out."""
     from tasks.video_io import read_video
 
-    rows = [r for r in read_manifest(inputs["selection"].path, "selection", layout).rows() if r["selected"]]
+    rows = [r for r in read_manifest(inputs["selection"].path, "selection", layout).rows()
+            if r["selected"] and r["split"] == "train"]
     frames, captions = [], []
     shape = (policy_cfg.frames, policy_cfg.height, policy_cfg.width, 3)
     for r in rows[: cfg.max_real_videos]:
@@ -184,7 +186,9 @@ def real_videos(inputs: Mapping[str, ManifestRef], policy_cfg: PolicyConfig, cfg
             frames.append(clip)
             captions.append(r["caption"])
     if not frames:
-        raise ValueError(f"`{inputs['selection'].path}`: no selected clip of shape {shape}; set finetune.train.lambda2=0")
+        raise ValueError(
+            f"`{inputs['selection'].path}`: no selected training clip of shape {shape}; set finetune.train.lambda2=0"
+        )
     return np.stack(frames), captions
 
 

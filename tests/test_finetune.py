@@ -18,6 +18,7 @@ from tasks.finetune import FinetuneConfig, orient, preference_pairs
 from tasks.generate import load_sampler, policy_from_checkpoints
 
 PROMPTS = ["a red ball falls", "a blue ball rolls to the right"]
+HELDOUT = "a green ball bounces"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -246,7 +247,7 @@ def test_more_workers_than_the_batch_splits_into_is_refused():
 
 def with_selection(layout, inputs, clips_per_prompt: int = 2):
     """A `selection` manifest with bright real clips of the first prompt only (selected), plus a
-    rejected clip of it and a clip of another shape: the real winners' candidates."""
+    rejected clip of it, a clip of another shape and a selected clip of a held-out prompt."""
     import numpy as np
 
     from tasks.video_io import write_video
@@ -254,12 +255,13 @@ def with_selection(layout, inputs, clips_per_prompt: int = 2):
     sel = layout.stage("select")
     rows = []
     for i, (caption, selected, size) in enumerate(
-        [(PROMPTS[0], True, 16)] * clips_per_prompt + [(PROMPTS[0], False, 16), (PROMPTS[0], True, 32)]
+        [(PROMPTS[0], True, 16)] * clips_per_prompt + [(PROMPTS[0], False, 16), (PROMPTS[0], True, 32), (HELDOUT, True, 16)]
     ):
         path = sel.files("clips") / f"real{i}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_video(path, np.full((8, size, size, 3), 200 + i, dtype=np.uint8), fps=8.0)
-        rows.append({"video_id": f"real{i}", "video_path": layout.stored_path(path), "caption": caption, "split": "train",
+        rows.append({"video_id": f"real{i}", "video_path": layout.stored_path(path), "caption": caption,
+                     "split": "heldout" if caption == HELDOUT else "train",
                      **{f"score_{k}": None for k in ("motion", "static", "scene_cut", "flicker", "sharpness", "quality",
                                                      "clip", "physics", "caption")},
                      "final_score": 1.0, "passed_json": "{}", "reason": None if selected else "blurry",
@@ -300,3 +302,15 @@ def test_real_winners_add_one_instance_pair_per_pair_with_a_real_clip(tmp_path, 
     assert torch.equal(data.rejected[8:], data.rejected[[0, 2, 4, 6]])
     with pytest.raises(ValueError, match="real_winners adds pairs, and finetune.train.method=sft does not train on pairs"):
         FinetuneConfig(train=PreferenceTrainConfig(method="sft"), real_winners=True)
+
+
+def test_real_videos_are_the_selected_training_clips_of_the_policy_shape(tmp_path):
+    """λ2's real clips: selected, of the policy's shape, and never a held-out prompt's clip."""
+    layout, inputs = tiny_round(tmp_path)
+    inputs = with_selection(layout, inputs, clips_per_prompt=3)
+    policy_cfg, _, _ = policy_from_checkpoints(read_manifest(inputs["checkpoints"].path, "checkpoints", layout).rows(),
+                                               layout, "test")
+    frames, captions = finetune.real_videos(inputs, policy_cfg, FinetuneConfig(), layout)
+    assert frames.shape == (3, 8, 16, 16, 3) and captions == [PROMPTS[0]] * 3
+    frames, _ = finetune.real_videos(inputs, policy_cfg, FinetuneConfig(max_real_videos=2), layout)
+    assert len(frames) == 2
