@@ -121,7 +121,7 @@ def main() -> None:
         real = {}
         if train_cfg.lambda2 > 0:
             selection = SimpleNamespace(path=str(run_dir / "select/manifest.parquet"))
-            real_latents, real_prompts = real_videos({"selection": selection}, policy, FinetuneConfig(), layout)
+            real_latents, real_prompts = real_videos({"selection": selection}, policy, FinetuneConfig().max_real_videos, layout)
             real = {"real_latents": real_latents, "real_prompts": real_prompts}
             result["real_videos"] = len(real_prompts)
         info = train_preference(policy, data, train_cfg, **real)

@@ -711,6 +711,19 @@ class Policy:
                 weight.add_((b.float() @ a.float()).to(weight.dtype))
                 self._folded.setdefault(name, []).append((a, b))
 
+    def merge_lora(self) -> None:
+        """Merge the adapter into the weights and remove the LoRA layers (diffusers' `fuse_lora` then
+        `unload_lora`): the same policy as a plain transformer, whose `save_pretrained` writes full
+        weights a later `from_pretrained` loads without the LoRA. `fold_lora` instead keeps the
+        adapter's factors so `save_lora` can stack them; a policy whose weights are trained in full
+        (finetune's real-clip phase) is merged."""
+        if not self.has_lora:
+            raise ValueError("policy.merge_lora: there is no LoRA adapter to merge; call load_lora first")
+        if self._folded:
+            raise ValueError("policy.merge_lora: this policy has folded LoRAs that save_lora would stack; merge before folding")
+        self.transformer.fuse_lora()
+        self.transformer.unload_lora()
+
     def save_lora(self, out_dir: str | Path) -> Path:
         """Write the adapter as `pytorch_lora_weights.safetensors` in diffusers' pipeline layout.
 

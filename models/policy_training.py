@@ -221,17 +221,39 @@ def train_base_policy(
             head_dim=cfg.head_dim, seed=cfg.seed,
         )
     policy = load_policy(out, frames, height, first_frame_mode(cfg))
+    info = train_flow_matching(policy, video, captions, cfg, on_log)
+    policy.transformer.save_pretrained(out / TRANSFORMER_DIR, safe_serialization=True)
+    info["out_dir"] = str(out)
+    return policy, info
+
+
+def train_flow_matching(
+    policy: Policy,
+    video: np.ndarray,
+    captions: Sequence[str],
+    cfg: BasePolicyTrainConfig,
+    on_log: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Train every weight of `policy.transformer` in place with the rectified-flow loss on (clip, caption).
+
+    `video` is (N, F, H, W, 3) uint8, encoded once with the policy (pixel space in the world, its VAE
+    otherwise) on the policy's device. With `cfg.ema_decay` the averaged weights are copied in at the
+    end. The transformer is left in eval mode without gradients, as `from_pretrained` gives it.
+    Returns steps done, seconds, final loss, params, the loss history and whether the time budget
+    stopped training early. `cfg.init_from` and the model-shape fields are not read here.
+    """
+    n = len(video)
     model = policy.transformer
     model.requires_grad_(True).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    # 2. encode every clip and caption once: the text encoder is frozen and encoding is exact
+    # 1. encode every clip and caption once: the text encoder is frozen and encoding is exact
     x0 = policy.encode(video)
     unique = sorted(set(captions))
     index = {c: i for i, c in enumerate(unique)}
     bank = policy.encode_text(unique + [""])  # the last entry is the empty prompt of caption dropout
     caption_ids = torch.tensor([index[c] for c in captions])
     empty_id = len(unique)
-    # 3. train
+    # 2. train
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=gen)
@@ -271,14 +293,13 @@ def train_base_policy(
     else:
         step = cfg.steps
     seconds = time.perf_counter() - start
-    # 4. save and hand back a frozen policy, as `from_pretrained` gives it
+    # 3. the averaged weights, frozen, as `from_pretrained` gives them
     if ema is not None:
         with torch.no_grad():
             for p, e in zip(params, ema, strict=True):
                 p.copy_(e)
     model.eval().requires_grad_(False)
-    model.save_pretrained(out / TRANSFORMER_DIR, safe_serialization=True)
-    info = {
+    return {
         "steps_done": step,
         "steps_planned": cfg.steps,
         "stopped_early": stopped_early,
@@ -291,9 +312,7 @@ def train_base_policy(
         "params": sum(p.numel() for p in params),
         "clips": n,
         "unique_captions": len(unique),
-        "out_dir": str(out),
     }
-    return policy, info
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,14 @@ mp4 is decoded. With `train.lambda2 > 0` the round's selected real videos (PhysH
 a flow-matching regulariser. The output `checkpoints` manifest holds the base policy row and the
 new LoRA row, which is what `generate` of the next round samples with.
 
+With `real_clips.steps > 0` a real-clip phase comes first: the round's policy (its LoRA merged into
+the weights) trains every weight with the rectified-flow loss on the selected real training clips
+(`train_on_real_clips`, bootstrap's loop continued), is saved as the round's own policy folder
+(`policy/`), and the LoRA then trains on the pairs against it (it is the reference); the manifest's
+`policy` row is that folder and the LoRA row sits on it, so the next round and `evaluate` load them
+as any base + LoRA. It runs in the stage's process on the policy's device, before the preference
+training (local or Ray Train).
+
 From round 2 on the reference moves (`reference_policy: previous_round`, IPO): the previous
 round's LoRA is folded into the weights, a fresh LoRA trains against that policy, and the saved
 LoRA stacks both (ranks add up; still one diffusers-loadable file over the base). With `base` the
@@ -38,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data_contracts import Lineage, ManifestRef, RunLayout, StageDir, read_manifest, write_manifest
 from models.policy import PolicyConfig
@@ -56,7 +64,35 @@ PREFER_RULES = ("mq_ta", "mq", "overall")
 PAIRWISE_METHODS = ("flow_dpo", "diffusion_dpo", "ipo")
 
 
+class RealClipConfig(BaseModel):
+    """The real-clip phase: full-parameter flow matching on the selected real training clips before the
+    preference loss (PhysHPO's selected real videos, IPO's real-data regulariser taken to every weight)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(
+        0, ge=0,
+        description="optimiser steps of the phase; 0: off (the default). On the world, continuing the base on its "
+        "841 selected clips: 600 steps +4, 1,200 steps +11 points of plausibility (README, A round)",
+    )
+    batch_size: int = Field(16, ge=1, description="clips per step (bootstrap's 16)")
+    lr: float = Field(2e-3, gt=0, description="AdamW peak rate, warmup then cosine (bootstrap's 2e-3)")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
+    ema_decay: float | None = Field(0.995, gt=0, lt=1, description="sample from the weights' moving average (None: the last)")
+    first_frame_rate: float = Field(
+        0.25, ge=0, lt=1,
+        description="share of clips trained to continue their frame 0, when the policy holds first frames clean "
+        "(`first_frame_mode=clean`); a `path` policy trains text-to-video only",
+    )
+    max_clips: int | None = Field(None, ge=1, description="at most this many selected training clips (None: all)")
+
+
 class FinetuneConfig(StageConfig):
+    real_clips: RealClipConfig = Field(
+        default_factory=RealClipConfig,
+        description="full-parameter flow matching on the selected real training clips before the preference loss; "
+        "the round's policy becomes a full checkpoint plus the round's LoRA (off unless real_clips.steps > 0)",
+    )
     train: PreferenceTrainConfig = Field(default_factory=PreferenceTrainConfig, description="method, β, LoRA and optimiser")
     prefer: Literal["mq_ta", "mq", "overall"] = Field(
         "mq_ta",
@@ -98,6 +134,11 @@ class FinetuneConfig(StageConfig):
             raise ValueError(
                 f"finetune.real_winners adds pairs, and finetune.train.method={self.train.method} does not train on "
                 f"pairs; use one of {', '.join(PAIRWISE_METHODS)} or set finetune.real_winners=false"
+            )
+        if self.real_clips.steps > 0 and self.reference_policy == "base":
+            raise ValueError(
+                "finetune.real_clips.steps > 0 trains every weight, so there is no base for the LoRA to keep training "
+                "against; use finetune.reference_policy=previous_round or set finetune.real_clips.steps=0"
             )
         if self.workers > 1 and self.backend == "local":
             raise ValueError(f"finetune.workers={self.workers} needs finetune.backend=ray_train (local is one process)")
@@ -170,7 +211,7 @@ def pair_latents(pairs, gens: Sequence[Mapping[str, Any]], layout: RunLayout, wh
     return chosen, rejected
 
 
-def real_videos(inputs: Mapping[str, ManifestRef], policy_cfg: PolicyConfig, cfg: FinetuneConfig, layout: RunLayout):
+def real_videos(inputs: Mapping[str, ManifestRef], policy_cfg: PolicyConfig, max_clips: int | None, layout: RunLayout):
     """Frames and captions of the selected real training clips (λ2), which the training workers encode
     with the policy; held-out clips (their prompts stay unseen by every model) and clips of another
     shape than the policy's are left out."""
@@ -180,7 +221,7 @@ def real_videos(inputs: Mapping[str, ManifestRef], policy_cfg: PolicyConfig, cfg
             if r["selected"] and r["split"] == "train"]
     frames, captions = [], []
     shape = (policy_cfg.frames, policy_cfg.height, policy_cfg.width, 3)
-    for r in rows[: cfg.max_real_videos]:
+    for r in rows[:max_clips]:
         clip = read_video(layout.resolve(r["video_path"]))
         if clip.shape == shape:
             frames.append(clip)
@@ -222,6 +263,40 @@ def real_winner_clips(inputs: Mapping[str, ManifestRef], policy_cfg: PolicyConfi
                 break
     empty = np.zeros((0, *shape), dtype=np.uint8)
     return (np.stack(frames) if frames else empty), kept
+
+
+def train_on_real_clips(
+    inputs: Mapping[str, ManifestRef], policy_cfg: PolicyConfig, lora: str | None, cfg: RealClipConfig,
+    layout: RunLayout, out: StageDir, round_: int, on_step: Callable[[dict], None] | None = None,
+) -> tuple[PolicyConfig, dict]:
+    """The real-clip phase: the round's policy (its LoRA merged in) trained in full on the selected real
+    training clips, saved as a policy folder (`out/policy`: policy.json + transformer; the text encoder
+    and VAE stay where the start policy had them). Returns the folder's config and the training info."""
+    import os
+
+    from models.policy import Policy, load_policy_folder_config, save_policy_folder
+    from models.policy_training import TRANSFORMER_DIR, BasePolicyTrainConfig, train_flow_matching
+
+    if "selection" not in inputs:
+        raise ValueError("finetune.real_clips.steps > 0 needs the `selection` input (select's manifest)")
+    frames, captions = real_videos(inputs, policy_cfg, cfg.max_clips, layout)
+    policy = Policy.from_pretrained(policy_cfg)
+    if lora is not None:
+        policy.load_lora(lora)
+        policy.merge_lora()
+    rate = cfg.first_frame_rate if policy_cfg.first_frame_mode == "clean" else 0.0
+    train_cfg = BasePolicyTrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                                      ema_decay=cfg.ema_decay, first_frame_rate=rate, seed=round_)
+    on_log = None if on_step is None else (lambda step, loss: on_step({"phase": "real_clips", "step": step, "loss": loss}))
+    info = train_flow_matching(policy, frames, captions, train_cfg, on_log)
+    folder = out.files("policy")
+    policy.transformer.save_pretrained(folder / TRANSFORMER_DIR, safe_serialization=True)
+    # local folders the start policy points at are stored relative to the new one, so a run folder can move
+    moved = {k: os.path.relpath(v, folder) for k in ("text_encoder", "vae")
+             if (v := getattr(policy_cfg, k)) and Path(v).is_absolute() and Path(v).exists()}
+    save_policy_folder(folder, policy_cfg.model_copy(
+        update={"transformer": str(folder / TRANSFORMER_DIR), "transformer_subfolder": None, **moved}))
+    return load_policy_folder_config(folder), info
 
 
 @dataclass(frozen=True)
@@ -356,7 +431,7 @@ def run(
         data = PreferenceData(prompts=prompts, chosen=chosen, rejected=rejected)
     real_frames, real_prompts = (None, None)
     if cfg.train.lambda2 > 0:
-        real_frames, real_prompts = real_videos(inputs, policy_cfg, cfg, layout)
+        real_frames, real_prompts = real_videos(inputs, policy_cfg, cfg.max_real_videos, layout)
     winners = None
     if cfg.real_winners:
         frames, kept = real_winner_clips(inputs, policy_cfg, prompts, layout, round)
@@ -373,6 +448,21 @@ def run(
                 f"{cfg.workers}; label more pairs or use fewer workers"
             )
     train_cfg = cfg.train if batch == cfg.train.batch_size else cfg.train.model_copy(update={"batch_size": batch})
+    base = next(r for r in ckpt_rows if r["kind"] == "policy")
+    real_phase = None
+    if cfg.real_clips.steps > 0:
+        # the round's policy trained in full on real clips becomes the LoRA's base and the DPO reference
+        policy_cfg, real_phase = train_on_real_clips(inputs, policy_cfg, lora, cfg.real_clips, layout, out, round,
+                                                    on_step)
+        base = {
+            "checkpoint_id": f"policy-r{round:02d}", "kind": "policy", "format": "diffusers",
+            "path": layout.stored_path(out.files("policy")), "base_id": policy_id, "round": round,
+            "metrics_json": json.dumps({"real_clips": real_phase["clips"], "steps": real_phase["steps_done"],
+                                        "final_loss": real_phase["final_loss"], "seconds": real_phase["seconds"]},
+                                       sort_keys=True),
+        }
+        lora, policy_id = None, base["checkpoint_id"]
+        counts.update(real_clip_steps=int(real_phase["steps_done"]), real_clips=int(real_phase["clips"]))
     lora_dir = out.files("lora")
     fold = lora is not None and cfg.reference_policy == "previous_round"
     job = TrainJob(policy_cfg, lora, data, train_cfg, real_frames, real_prompts, lora_dir, fold, winners)
@@ -386,7 +476,9 @@ def run(
     final = {k: float(v) for k, v in info["final"].items() if isinstance(v, (int, float)) and v is not None}
     metrics = {**{f"final_{k}": v for k, v in final.items()}, "seconds_per_step": float(info["seconds_per_step"]),
                "compute_s": float(info["seconds"])}
-    base = next(r for r in ckpt_rows if r["kind"] == "policy")
+    if real_phase is not None:
+        metrics.update(real_clip_seconds=float(real_phase["seconds"]), real_clip_final_loss=float(real_phase["final_loss"]),
+                       compute_s=metrics["compute_s"] + float(real_phase["seconds"]))
     # the policy the DPO reference was (logged in the checkpoint row and the counts)
     reference = policy_id if fold else base["checkpoint_id"]
     rows = [
@@ -399,7 +491,8 @@ def run(
         },
     ]
     ref = write_manifest(rows, "checkpoints", out.manifest_path, layout, lineage)
-    counts.update(steps_done=int(info["steps_done"]), real_videos=int(info["real_videos"]), reference_moved=int(fold))
+    counts.update(steps_done=int(info["steps_done"]), real_videos=int(info["real_videos"]),
+                  reference_moved=int(fold or real_phase is not None))
     if info["stopped_on_nonfinite"]:
         counts["stopped_on_nonfinite"] = 1
     return StageResult(ref, counts=counts, metrics=metrics, images={"loss and implicit accuracy": str(curves)})

@@ -310,7 +310,58 @@ def test_real_videos_are_the_selected_training_clips_of_the_policy_shape(tmp_pat
     inputs = with_selection(layout, inputs, clips_per_prompt=3)
     policy_cfg, _, _ = policy_from_checkpoints(read_manifest(inputs["checkpoints"].path, "checkpoints", layout).rows(),
                                                layout, "test")
-    frames, captions = finetune.real_videos(inputs, policy_cfg, FinetuneConfig(), layout)
+    frames, captions = finetune.real_videos(inputs, policy_cfg, None, layout)
     assert frames.shape == (3, 8, 16, 16, 3) and captions == [PROMPTS[0]] * 3
-    frames, _ = finetune.real_videos(inputs, policy_cfg, FinetuneConfig(max_real_videos=2), layout)
+    frames, _ = finetune.real_videos(inputs, policy_cfg, 2, layout)
     assert len(frames) == 2
+
+
+def test_the_real_clip_phase_trains_every_weight_and_the_next_round_starts_from_it(tmp_path):
+    """finetune.real_clips: the round's policy is trained in full on the selected real training clips,
+    saved as its own policy folder (the LoRA's base and the DPO reference); round 2 starts from round
+    1's policy with its LoRA merged in."""
+    from models.policy import Policy, load_policy_folder_config
+    from models.preference_training import PreferenceTrainConfig as PT
+    from tasks.finetune import RealClipConfig
+
+    layout, inputs = tiny_round(tmp_path)
+    inputs = with_selection(layout, inputs, clips_per_prompt=3)
+    cfg = FinetuneConfig(train=PT(steps=3, batch_size=4, lr=1e-3, lora_rank=4), backend="local",
+                         real_clips=RealClipConfig(steps=6, batch_size=2, lr=1e-3, warmup_steps=0))
+    results = {}
+    for rnd in (1, 2):
+        if rnd == 2:  # a phase that barely moves: round 2's full weights are round 1's policy, LoRA merged
+            cfg = cfg.model_copy(update={"real_clips": RealClipConfig(steps=1, lr=1e-12, warmup_steps=0, ema_decay=None)})
+        out = layout.stage("finetune", round=rnd)
+        out.path.mkdir(parents=True)
+        results[rnd] = finetune.run(inputs, cfg, layout, out, Lineage("finetune", {}, cfg.hash()), round=rnd)
+        inputs = {**inputs, "checkpoints": results[rnd].manifest}
+    assert results[1].counts["real_clips"] == 3 and results[1].counts["real_clip_steps"] == 6
+    assert results[1].counts["reference_moved"] == 1 and results[1].metrics["compute_s"] > results[1].metrics["real_clip_seconds"]
+    rows = read_manifest(results[1].manifest.path, "checkpoints", layout).rows()
+    assert [(r["checkpoint_id"], r["kind"], r["base_id"]) for r in rows] == [
+        ("policy-r01", "policy", "base"), ("lora-r01", "policy_lora", "policy-r01")]
+    assert json.loads(rows[1]["metrics_json"])["reference"] == "policy-r01"
+    folder = layout.resolve(rows[0]["path"])
+    saved = json.loads((folder / "policy.json").read_text())
+    assert saved["transformer"] == "transformer" and saved["text_encoder"] == "../../../bootstrap/policy/text_encoder"
+    # 1. every weight moved from the base, and no LoRA layer was saved with them
+    cpu = {"device": "cpu"}
+    base_cfg = policy_from_checkpoints(read_manifest(layout.stage("bootstrap").manifest_path, "checkpoints", layout).rows(), layout, "t")[0]
+    base = Policy.from_pretrained(base_cfg.model_copy(update=cpu))
+    tuned = Policy.from_pretrained(load_policy_folder_config(folder).model_copy(update=cpu))
+    before = dict(base.transformer.named_parameters())
+    assert set(before) == {n for n, _ in tuned.transformer.named_parameters()}
+    assert all(not torch.equal(p, before[n]) for n, p in tuned.transformer.named_parameters())
+    # 2. round 2 started from round 1's policy: its full weights are round 1's with the LoRA merged in
+    r1_cfg, r1_lora, _ = policy_from_checkpoints(rows, layout, "t")
+    r1 = load_sampler(r1_cfg.model_copy(update=cpu), r1_lora)
+    r2_rows = read_manifest(results[2].manifest.path, "checkpoints", layout).rows()
+    assert r2_rows[0]["base_id"] == "lora-r01"
+    r2_start = Policy.from_pretrained(load_policy_folder_config(layout.resolve(r2_rows[0]["path"])).model_copy(update=cpu))
+    x = torch.randn((1, *r1.latent_shape), generator=torch.Generator().manual_seed(1))
+    text = r1.encode_text([PROMPTS[0]])
+    v1, v2 = (p.velocity(x, torch.tensor([0.5]), text.embeddings, text.mask) for p in (r1, r2_start))
+    assert torch.allclose(v1, v2, atol=1e-5)
+    with pytest.raises(ValueError, match="no base for the LoRA to keep training against"):
+        FinetuneConfig(real_clips=RealClipConfig(steps=1), reference_policy="base")
