@@ -114,7 +114,8 @@ def main() -> None:
         else:
             def latents(paths):
                 return load_latents([layout.resolve(gens[p]["latent_path"]) for p in paths])
-        train_cfg = PreferenceTrainConfig(**spec)
+        # 300 steps unless the spec says: the finetune default of sessions 2-10, which the README's table used
+        train_cfg = PreferenceTrainConfig(**{"steps": 300, **spec})
         chosen = latents([c for _, c, _ in pairs])
         rejected = None if train_cfg.method == "sft" else latents([r for _, _, r in pairs])
         data = PreferenceData(prompts=[p for p, _, _ in pairs], chosen=chosen, rejected=rejected)

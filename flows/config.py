@@ -42,10 +42,11 @@ class RunSection(BaseModel):
         "on 2 cores); each round is generate → label → train_reward → finetune → evaluate → gate"
     )
     train_reward: Literal["every_round", "first_round", "never"] = Field(
-        "every_round",
+        "first_round",
         description="when the reward model is trained: on every round's labels, on round 1's only (later rounds "
-        "use it), or never (then evaluate.win_rates must be false, and label.critic=reward_model needs "
-        "label.reward_model)",
+        "use it; the default since session 11: its ~12 s a round went to finetune's real-clip phase, and on one "
+        "round's ~50 pairs it did not beat chance), or never (then evaluate.win_rates must be false, and "
+        "label.critic=reward_model needs label.reward_model)",
     )
     gate: bool = Field(
         True, description="stop the loop when a round's gate says stop; false runs every round whatever it says "

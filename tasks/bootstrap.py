@@ -49,7 +49,9 @@ class BootstrapConfig(StageConfig):
     )
     train_policy: bool = Field(True, description="train the base policy (false: the CLIP only, for select-only runs)")
     judge_samples: int = Field(
-        256, ge=0, description="base-policy samples judged on held-out prompts (256: a 95% interval of about ±5 points)"
+        64, ge=0,
+        description="base-policy samples judged on held-out prompts: a first look (64: a 95% interval of about ±12 "
+        "points, ~5 s; 256: ±6, ~20 s); evaluate judges the base on its 256 pairs in round 1",
     )
     max_clips: int | None = Field(None, ge=2, description="cap on training clips (None: every usable training clip)")
     seed: int = Field(0, description="training is deterministic for a seed")

@@ -30,6 +30,7 @@ TINY = (
     "--set", "generate.max_prompts=4", "--set", "generate.samples_per_prompt=2", "--set", "generate.steps=2",
     "--set", "train_reward.model.steps=3", "--set", "train_reward.model.batch_size=2",
     "--set", "finetune.train.steps=2", "--set", "finetune.train.batch_size=2", "--set", "evaluate.samples=4",
+    "--set", "finetune.real_clips.steps=2", "--set", "finetune.real_clips.batch_size=2",
 )
 
 

@@ -70,7 +70,7 @@ def test_ingest_source_folder_becomes_a_data_root(tmp_path):
 
 
 def test_which_round_trains_the_reward_model_each_round_uses():
-    every = resolve_config(overrides=["run.rounds=3"])
+    every = resolve_config(overrides=["run.rounds=3", "run.train_reward=every_round"])
     assert [every.reward_round(k) for k in (1, 2, 3)] == [1, 2, 3]
     assert [every.reward_round(k, for_label=True) for k in (1, 2, 3)] == [None, 1, 2]  # never the round's own
     first = resolve_config(overrides=["run.train_reward=first_round"])

@@ -25,8 +25,10 @@ from models.video_metrics import (
 from tasks import evaluate, finetune
 from tasks.common import execute_stage
 from tasks.evaluate import EvaluateConfig, gate, plan_pairs, policy_changed, reward_hacking, win_rate
-from tasks.finetune import FinetuneConfig
+from tasks.finetune import FinetuneConfig, RealClipConfig
 from tests.test_finetune import PROMPTS, tiny_round
+
+NO_REAL = RealClipConfig(steps=0)  # no `selection` input here: no real-clip phase
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -169,7 +171,7 @@ def tiny_run(tmp_path_factory):
     layout, inputs = tiny_round(tmp, n_pairs=4)
     ft = layout.stage("finetune", round=1)
     ft.path.mkdir(parents=True)
-    ft_cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=3, batch_size=4, lr=1e-2), backend="local")
+    ft_cfg = FinetuneConfig(real_clips=NO_REAL, train=PreferenceTrainConfig(steps=3, batch_size=4, lr=1e-2), backend="local")
     tuned = finetune.run(inputs, ft_cfg, layout, ft, Lineage("finetune", {}, ft_cfg.hash()), round=1).manifest
     # held-out captions: the prompts evaluate samples (the train caption must not be used)
     ingest = layout.stage("ingest")

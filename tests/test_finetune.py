@@ -14,10 +14,12 @@ from models.policy import LORA_WEIGHT_NAME, PolicyConfig, build_tiny, save_polic
 from models.preference_training import METRICS_FILE, PreferenceTrainConfig, _Rows
 from models.text_encoder import build_text_encoder
 from tasks import finetune
-from tasks.finetune import FinetuneConfig, orient, preference_pairs
+from tasks.finetune import FinetuneConfig, RealClipConfig, orient, preference_pairs
 from tasks.generate import load_sampler, policy_from_checkpoints
 
 PROMPTS = ["a red ball falls", "a blue ball rolls to the right"]
+# rounds without a `selection` input: no real-clip phase (its own test below)
+NO_REAL = RealClipConfig(steps=0)
 HELDOUT = "a green ball bounces"
 
 
@@ -97,7 +99,7 @@ def tiny_round(tmp_path, n_pairs: int = 8):
 
 def test_finetune_writes_a_lora_the_next_round_samples_with(tmp_path, ray_local):
     layout, inputs = tiny_round(tmp_path)
-    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=20, batch_size=4, lr=1e-3), backend="local")
+    cfg = FinetuneConfig(real_clips=NO_REAL, train=PreferenceTrainConfig(steps=20, batch_size=4, lr=1e-3), backend="local")
     out = layout.stage("finetune", round=1)
     out.path.mkdir(parents=True)
     steps = []
@@ -124,7 +126,7 @@ def test_round_two_reference_moves_to_the_previous_round_or_stays(tmp_path, refe
     a fresh one trains against that policy (logged); either way one LoRA over the base comes out
     and its round-2 policy differs from round 1's."""
     layout, inputs = tiny_round(tmp_path)
-    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=10, batch_size=4, lr=1e-3, lora_rank=4),
+    cfg = FinetuneConfig(real_clips=NO_REAL, train=PreferenceTrainConfig(steps=10, batch_size=4, lr=1e-3, lora_rank=4),
                          backend="local", reference_policy=reference_policy)
     results = {}
     for rnd in (1, 2):
@@ -154,7 +156,7 @@ def test_labels_that_decide_nothing_keep_the_policy_unchanged(tmp_path):
     layout, inputs = tiny_round(tmp_path, n_pairs=4)
     out = layout.stage("finetune", round=1)
     out.path.mkdir(parents=True)
-    cfg = FinetuneConfig(prefer="overall", train=PreferenceTrainConfig(steps=1, batch_size=2), backend="local")
+    cfg = FinetuneConfig(real_clips=NO_REAL, prefer="overall", train=PreferenceTrainConfig(steps=1, batch_size=2), backend="local")
     # VQ now contradicts MQ in every pair: `overall` decides none of them
     rows = read_manifest(inputs["labels"].path, "labels", layout).rows()
     for r in rows:
@@ -171,7 +173,7 @@ def test_a_labelled_video_without_cached_latent_is_a_clear_error(tmp_path):
     gens = read_manifest(inputs["generations"].path, "generations", layout).rows()
     gens[0]["latent_path"] = None
     bad = write_manifest(gens, "generations", inputs["generations"].path, layout, Lineage("generate", {}, "y"))
-    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=1, batch_size=2), backend="local")
+    cfg = FinetuneConfig(real_clips=NO_REAL, train=PreferenceTrainConfig(steps=1, batch_size=2), backend="local")
     with pytest.raises(ValueError, match="no cached latent .* rerun generate with generate.write_latents=true"):
         finetune.run({**inputs, "generations": bad}, cfg, layout, layout.stage("finetune", round=1), Lineage("f", {}, "x"))
 
@@ -191,8 +193,8 @@ def test_ray_train_gives_the_lora_local_gives(tmp_path, ray_local):
     layout, inputs = tiny_round(tmp_path)
     train = PreferenceTrainConfig(steps=4, batch_size=4, lr=1e-3)
     steps = []
-    _, local, local_metrics = _finetune(layout, inputs, FinetuneConfig(train=train, backend="local"), "local")
-    out, ray, ray_metrics = _finetune(layout, inputs, FinetuneConfig(train=train, backend="ray_train"), "ray",
+    _, local, local_metrics = _finetune(layout, inputs, FinetuneConfig(real_clips=NO_REAL, train=train, backend="local"), "local")
+    out, ray, ray_metrics = _finetune(layout, inputs, FinetuneConfig(real_clips=NO_REAL, train=train, backend="ray_train"), "ray",
                                       on_step=steps.append)
     assert local.keys() == ray.keys() and all(torch.equal(local[k], ray[k]) for k in local)
     assert any(t.abs().sum() > 0 for k, t in ray.items() if "lora_B" in k), "the LoRA trained"
@@ -200,7 +202,7 @@ def test_ray_train_gives_the_lora_local_gives(tmp_path, ray_local):
     assert "distributed" not in ray_metrics, "one worker is the single-process path"
     assert (out.files("ray_train") / "finetune").is_dir(), "Ray Train's run state lives under the stage folder"
     # the default (auto) trains one worker without a cluster address in this process: the same LoRA
-    auto_out, auto, _ = _finetune(layout, inputs, FinetuneConfig(train=train), "auto")
+    auto_out, auto, _ = _finetune(layout, inputs, FinetuneConfig(real_clips=NO_REAL, train=train), "auto")
     assert all(torch.equal(auto[k], local[k]) for k in local) and not (auto_out.path / "ray_train").exists()
 
 
@@ -211,8 +213,8 @@ def test_two_workers_train_with_ddp_on_disjoint_rows(tmp_path, ray_local, method
     same batches (up to float summation order); only rank 0 wrote the LoRA and metrics."""
     layout, inputs = tiny_round(tmp_path)
     train = PreferenceTrainConfig(method=method, steps=3, batch_size=4, lr=1e-3)
-    _, local, local_metrics = _finetune(layout, inputs, FinetuneConfig(train=train, backend="local"), "local")
-    out, ddp, ddp_metrics = _finetune(layout, inputs, FinetuneConfig(train=train, workers=2), "ddp")
+    _, local, local_metrics = _finetune(layout, inputs, FinetuneConfig(real_clips=NO_REAL, train=train, backend="local"), "local")
+    out, ddp, ddp_metrics = _finetune(layout, inputs, FinetuneConfig(real_clips=NO_REAL, train=train, workers=2), "ddp")
     # 1. each step's global batch split between the ranks, disjoint, the same batches as one process
     dist_info = ddp_metrics["distributed"]
     assert dist_info["world_size"] == 2 and dist_info["rank"] == 0, "rank 0 wrote metrics.json"
@@ -284,7 +286,7 @@ def test_real_winners_add_one_instance_pair_per_pair_with_a_real_clip(tmp_path, 
 
     real_train = finetune.train_preference
     monkeypatch.setattr(finetune, "train_preference", capture)
-    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=2, batch_size=4), backend="local", real_winners=True)
+    cfg = FinetuneConfig(real_clips=NO_REAL, train=PreferenceTrainConfig(steps=2, batch_size=4), backend="local", real_winners=True)
     out = layout.stage("finetune", round=1)
     out.path.mkdir(parents=True)
     result = finetune.run(inputs, cfg, layout, out, Lineage("finetune", {}, cfg.hash()), round=1)
@@ -322,8 +324,6 @@ def test_the_real_clip_phase_trains_every_weight_and_the_next_round_starts_from_
     1's policy with its LoRA merged in."""
     from models.policy import Policy, load_policy_folder_config
     from models.preference_training import PreferenceTrainConfig as PT
-    from tasks.finetune import RealClipConfig
-
     layout, inputs = tiny_round(tmp_path)
     inputs = with_selection(layout, inputs, clips_per_prompt=3)
     cfg = FinetuneConfig(train=PT(steps=3, batch_size=4, lr=1e-3, lora_rank=4), backend="local",

@@ -193,7 +193,7 @@ def test_finetune_drops_frame_0_when_generations_were_first_frame_conditioned(tm
     seen = []
     real = finetune.train_and_save
     monkeypatch.setattr(finetune, "train_and_save", lambda job, **kw: seen.append(job.train) or real(job, **kw))
-    cfg = finetune.FinetuneConfig(backend="local", train=PreferenceTrainConfig(steps=1, batch_size=2))
+    cfg = finetune.FinetuneConfig(real_clips=finetune.RealClipConfig(steps=0), backend="local", train=PreferenceTrainConfig(steps=1, batch_size=2))
     out = layout.stage("finetune", round=1)
     out.path.mkdir(parents=True)
     finetune.run(inputs, cfg, layout, out, Lineage("finetune", {}, cfg.hash()), round=1)

@@ -17,10 +17,12 @@ from models.policy import LORA_WEIGHT_NAME
 from models.preference_training import PreferenceTrainConfig
 from tasks import finetune
 from tasks.common import execute_stage
-from tasks.finetune import FinetuneConfig
+from tasks.finetune import FinetuneConfig, RealClipConfig
 from tasks.generate import GenerateConfig
 from tests.test_generate import generate_run
 from tests.test_generate import run as gen_run  # noqa: F401 - fixture
+
+NO_REAL = RealClipConfig(steps=0)  # no `selection` input here: no real-clip phase
 
 pytestmark = pytest.mark.faults
 
@@ -37,7 +39,7 @@ def ray_local():
 
 
 def _finetune(layout, inputs, steps: int, force: bool = False):
-    cfg = FinetuneConfig(train=PreferenceTrainConfig(steps=steps, batch_size=1, seed=0))
+    cfg = FinetuneConfig(real_clips=NO_REAL, train=PreferenceTrainConfig(steps=steps, batch_size=1, seed=0))
     out = layout.stage("finetune", 1)
     return execute_stage(finetune.run, layout, out, cfg, inputs, force=force), out
 

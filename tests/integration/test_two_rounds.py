@@ -28,7 +28,7 @@ ROUND_STAGES = ("generate", "label", "train_reward", "finetune", "evaluate")
 # find flow runs by name (the two-node fault test's run is called `two`)
 RUN = "integration-two-rounds"
 # run.gate=false: the tiny policy never improves, and the test is about the second round running
-TWO_ROUNDS = (*TINY, "--set", "run.rounds=2", "--set", "run.gate=false")
+TWO_ROUNDS = (*TINY, "--set", "run.rounds=2", "--set", "run.gate=false", "--set", "run.train_reward=every_round")
 
 
 def _api(call):
