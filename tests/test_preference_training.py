@@ -94,7 +94,7 @@ def test_config_defaults_and_refusals():
         "constant",
         "disabled_adapter",
     )
-    assert (cfg.lora_rank, cfg.lr, cfg.steps, cfg.batch_size, cfg.grad_clip) == (16, 1e-4, 300, 16, 1.0)
+    assert (cfg.lora_rank, cfg.lr, cfg.steps, cfg.batch_size, cfg.grad_clip) == (16, 1e-4, 150, 16, 1.0)
     with pytest.raises(ValueError, match="extra"):
         PreferenceTrainConfig(betta=1.0)
     with pytest.raises(ValueError, match="flow_dpo only"):
