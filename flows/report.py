@@ -296,6 +296,9 @@ def _round_blocks(layout: RunLayout, rounds: Sequence[Round], r: Round) -> list[
         facts.append(f"labelled {lab.get('pairs', '?')} pairs")
     if "finetune" in r.markers:
         method = r.markers["finetune"].get("config", {}).get("train", {}).get("method", "?")
+        if fin.get("real_clip_steps"):
+            facts.append(f"trained every weight on {fin.get('real_clips', '?')} selected real clips for "
+                         f"{fin['real_clip_steps']} steps")
         facts.append(f"fine-tuned with {method} on {fin.get('pairs', '?')} pairs for {fin.get('steps_done', '?')} steps"
                      + (" (no pair decided: policy unchanged)" if fin.get("policy_unchanged") else ""))
     if "evaluate" in r.markers:

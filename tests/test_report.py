@@ -67,7 +67,8 @@ def make_run(tmp_path, rounds=2, reward_model=True, hacking_in=None) -> RunLayou
         out = layout.stage("finetune", k)
         write_marker(out, _checkpoint(layout, out), f"ft{k}", {
             "status": "complete", "config": {"train": {"method": "flow_dpo"}},
-            "counts": {"pairs": 46, "steps_done": 300}, "metrics": {"final_loss": 0.07},
+            "counts": {"pairs": 46, "steps_done": 300, **({"real_clip_steps": 1000, "real_clips": 841} if k == 2 else {})},
+            "metrics": {"final_loss": 0.07},
             "images": {"loss and implicit accuracy": _png(out.files("figures") / "training_curves.png", k)}})
         out = layout.stage("evaluate", k)
         metrics = {**_rate("plausibility_base", 0.2), **_rate("caption_agreement_base", 0.3),
@@ -96,6 +97,7 @@ def test_round_report_shows_every_round_so_far_from_the_markers(tmp_path):
     # 2. reward-model accuracy per round, fine-tuning facts
     assert "| MQ | 0.800 | 0.500 | 0.500 |" in md and "| MQ | 0.700 | 0.500 | 0.500 |" in md
     assert "fine-tuned with flow_dpo on 46 pairs for 300 steps" in md
+    assert md.count("trained every weight on 841 selected real clips for 1000 steps; fine-tuned with flow_dpo") == 1
     # 3. plots beside the report, linked relatively; reused figures of the stages linked where they are
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert {"plausibility.png", "win_rates.png", "reward_accuracy.png"} <= set(links)
