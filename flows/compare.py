@@ -42,7 +42,7 @@ def compare_flow(
         "generations": _upstream(layout, "generate", run, runs_root, config, round),
         "checkpoints": _policy_checkpoints(layout, round, run, runs_root, config),
     }
-    if cfg.finetune.train.lambda2 > 0 or cfg.finetune.real_winners or cfg.finetune.real_clips.steps > 0:
+    if cfg.finetune.reads_selection:
         inputs["selection"] = _upstream(layout, "select", run, runs_root, config)
     videos = _upstream(layout, "ingest", run, runs_root, config)
     baseline = _policy_checkpoints(layout, 1, run, runs_root, config)

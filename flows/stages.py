@@ -265,7 +265,7 @@ def finetune_flow(run: str, runs_root: str, config: dict[str, Any], round: int =
         "generations": _upstream(layout, "generate", run, runs_root, config, round),
         "checkpoints": _policy_checkpoints(layout, round, run, runs_root, config),
     }
-    if cfg.finetune.train.lambda2 > 0 or cfg.finetune.real_winners or cfg.finetune.real_clips.steps > 0:
+    if cfg.finetune.reads_selection:
         inputs["selection"] = _upstream(layout, "select", run, runs_root, config)
     out = layout.stage("finetune", round)
     run_fn = functools.partial(

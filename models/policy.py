@@ -41,6 +41,7 @@ metadata key `lora_adapter_metadata`, its keys prefixed with `transformer.` too.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,15 +161,17 @@ class PolicyConfig(BaseModel):
 POLICY_CONFIG_FILE = "policy.json"
 
 
-def save_policy_folder(folder: str | Path, cfg: PolicyConfig) -> Path:
-    """Write `folder/policy.json`: the `PolicyConfig` a policy folder loads with, paths inside the
-    folder stored relative to it (so a run folder can move)."""
+def save_policy_folder(folder: str | Path, cfg: PolicyConfig, within: str | Path | None = None) -> Path:
+    """Write `folder/policy.json`: the `PolicyConfig` a policy folder loads with. Local paths inside
+    `within` (default: the folder itself; a stage passes its run directory) are stored relative to the
+    folder, so the run folder can move; paths outside it and hub ids are stored as given."""
     root = Path(folder).absolute()
+    inside = root if within is None else Path(within).absolute()
     data = cfg.model_dump(mode="json")
     for key in ("transformer", "text_encoder", "vae"):
         value = data.get(key)
-        if value and Path(value).is_absolute() and Path(value).is_relative_to(root):
-            data[key] = Path(value).relative_to(root).as_posix()
+        if value and Path(value).is_absolute() and Path(value).is_relative_to(inside):
+            data[key] = Path(os.path.relpath(value, root)).as_posix()
     path = root / POLICY_CONFIG_FILE
     atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
     return path

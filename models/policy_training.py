@@ -183,6 +183,7 @@ def _copy_policy(src: Path, out: Path) -> None:
                 f"policy_training: init_from={src} has no {sub}/ written by train_base_policy; "
                 "point it at a bootstrap `policy` folder or a variant's output folder"
             )
+    for sub in (TEXT_ENCODER_DIR, TRANSFORMER_DIR):
         if (out / sub).resolve() != (src / sub).resolve():
             shutil.copytree(src / sub, out / sub, dirs_exist_ok=True)
 

@@ -129,6 +129,11 @@ class FinetuneConfig(StageConfig):
         "between the workers (2 here: 0.32 s a step instead of 0.53 s with 1)"
     )
 
+    @property
+    def reads_selection(self) -> bool:
+        """Whether the stage needs select's manifest (λ2, real winners or the real-clip phase)."""
+        return self.train.lambda2 > 0 or self.real_winners or self.real_clips.steps > 0
+
     @model_validator(mode="after")
     def _check_workers(self) -> FinetuneConfig:
         if self.real_winners and self.train.method not in PAIRWISE_METHODS:
@@ -275,8 +280,6 @@ def train_on_real_clips(
     """The real-clip phase: the round's policy (its LoRA merged in) trained in full on the selected real
     training clips, saved as a policy folder (`out/policy`: policy.json + transformer; the text encoder
     and VAE stay where the start policy had them). Returns the folder's config and the training info."""
-    import os
-
     from models.policy import Policy, load_policy_folder_config, save_policy_folder
     from models.policy_training import TRANSFORMER_DIR, BasePolicyTrainConfig, train_flow_matching
 
@@ -294,11 +297,8 @@ def train_on_real_clips(
     info = train_flow_matching(policy, frames, captions, train_cfg, on_log)
     folder = out.files("policy")
     policy.transformer.save_pretrained(folder / TRANSFORMER_DIR, safe_serialization=True)
-    # local folders the start policy points at are stored relative to the new one, so a run folder can move
-    moved = {k: os.path.relpath(v, folder) for k in ("text_encoder", "vae")
-             if (v := getattr(policy_cfg, k)) and Path(v).is_absolute() and Path(v).exists()}
-    save_policy_folder(folder, policy_cfg.model_copy(
-        update={"transformer": str(folder / TRANSFORMER_DIR), "transformer_subfolder": None, **moved}))
+    save_policy_folder(folder, policy_cfg.model_copy(update={"transformer": str(folder / TRANSFORMER_DIR),
+                                                             "transformer_subfolder": None}), within=layout.run_dir)
     return load_policy_folder_config(folder), info
 
 

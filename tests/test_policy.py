@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import (
@@ -272,3 +274,24 @@ def test_config_and_loading_errors_say_how_to_fix(saved, tmp_path):
         policy.load_lora(tmp_path)
     with pytest.raises(ValueError, match="one seed per prompt"):
         policy.sample(CAPTIONS[:2], [1])
+
+
+def test_policy_folder_paths_are_relative_inside_the_run_and_absolute_outside(tmp_path):
+    """A policy folder stores local paths inside `within` (a run directory) relative to itself, so the
+    run can move; a folder outside it (a shared model store) and a hub id stay as given."""
+    from models.policy import PolicyConfig, load_policy_folder_config, save_policy_folder
+
+    run, store = tmp_path / "run", tmp_path / "store"
+    own, other = run / "round-01/finetune/policy", run / "bootstrap/policy/text_encoder"
+    for d in (own / "transformer", other, store / "vae"):
+        d.mkdir(parents=True)
+    cfg = PolicyConfig(family="wan", transformer=str(own / "transformer"), text_encoder=str(other), vae=str(store / "vae"),
+                       pixel_space=False)
+    saved = json.loads(save_policy_folder(own, cfg, within=run).read_text())
+    assert (saved["transformer"], saved["text_encoder"], saved["vae"]) == (
+        "transformer", "../../../bootstrap/policy/text_encoder", str(store / "vae"))
+    loaded = load_policy_folder_config(own)
+    assert (loaded.text_encoder, loaded.vae) == (str(own / "../../../bootstrap/policy/text_encoder"), str(store / "vae"))
+    # without `within`, only paths inside the folder itself are relative (bootstrap's case)
+    alone = json.loads(save_policy_folder(own, cfg.model_copy(update={"text_encoder": "org/hub-id"})).read_text())
+    assert (alone["transformer"], alone["text_encoder"], alone["vae"]) == ("transformer", "org/hub-id", str(store / "vae"))
